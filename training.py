@@ -1,0 +1,320 @@
+"""What train_sft.py and train_dpo.py share: the learning-rate schedule, seeding, the optimiser, atomic
+checkpoints with resume, a clean stop on SIGINT/SIGTERM, metrics lines, and DDP set-up.
+
+The loops themselves stay in the scripts. A resumable loop uses these pieces like this:
+
+    rank, world_size, local_rank, device = setup_distributed(cfg.device)
+    ...build the model and optimizer (they draw from the RNG)...
+    ckpt = load_checkpoint(out_dir)                    # None on a fresh start
+    if ckpt:
+        model.load_state_dict(ckpt["adapter"], strict=False); optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"]); start = ckpt["step"]
+    with GracefulExit(device) as stop:
+        for step in range(start, total):
+            ...forward, backward, clip...
+            for g in optimizer.param_groups: g["lr"] = lr_at(step, total, warmup, peak_lr)
+            optimizer.step()
+            stopping = stop.should_stop()              # after the step: the state is consistent here
+            if stopping or (step + 1) % save_every == 0:
+                rng = rng_state()                      # on every rank: under DDP it gathers all ranks' streams
+                if is_main():
+                    save_checkpoint(out_dir, {"adapter": ..., "optimizer": ..., "step": step + 1, "rng": rng})
+            if stopping:
+                break
+
+Checkpoint policy: one file, <dir>/checkpoint.pt, replaced atomically at each save (temp file in the same
+directory, fsync, os.replace, fsync of the directory), so at any instant it holds the last completed save
+and a crash mid-write leaves the previous one. Older checkpoints are not kept: the file exists to resume,
+and the scripts write the finished adapters elsewhere. It holds only trainable state (adapter weights,
+optimiser state, step, data position, RNG streams), never the frozen base model.
+"""
+import datetime
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# --- learning-rate schedule ---------------------------------------------------------------------
+
+def lr_at(step, total_steps, warmup_steps, peak_lr, schedule="cosine", min_lr_ratio=0.0):
+    """Learning rate for optimizer step `step` (0-based: the step about to be taken).
+
+        warmup   step < W:   lr = peak · (step + 1) / W          (the first step is not wasted at lr 0)
+        decay    step ≥ W:   p  = min(1, (step − W) / (N − W))    (N = total_steps)
+                             lr = min + (peak − min) · f(p),     min = min_lr_ratio · peak
+                 cosine  f(p) = ½ (1 + cos(π p))
+                 linear  f(p) = 1 − p
+                 constant f(p) = 1
+    The decay phase equals transformers' get_{cosine,linear}_schedule_with_warmup (and its min-lr
+    variant); the warmup is shifted by one step (theirs starts at lr 0)."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        f = 0.5 * (1.0 + math.cos(math.pi * p))
+    elif schedule == "linear":
+        f = 1.0 - p
+    elif schedule == "constant":
+        f = 1.0
+    else:
+        raise ValueError(f"schedule is {schedule!r}, expected 'cosine', 'linear' or 'constant'")
+    min_lr = min_lr_ratio * peak_lr
+    return min_lr + (peak_lr - min_lr) * f
+
+
+# --- seeding and the optimiser ---------------------------------------------------------------------
+
+def seed_everything(seed, deterministic=False):
+    """Seed python's random, numpy and torch (CPU and every CUDA device). deterministic=True also asks
+    torch for deterministic kernels (warn_only: ops without one warn instead of failing, e.g. some
+    CUDA scatter ops; CPU SDPA runs unchanged) and sets the cuBLAS workspace that CUDA needs for it."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")    # read at the first cuBLAS call
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def make_optimizer(params, lr, weight_decay, betas, device):
+    """AdamW. On CUDA bitsandbytes' PagedAdamW (32-bit states, paged to CPU memory under pressure: the
+    QLoRA recipe's optimiser); on CPU torch.optim.AdamW (paging needs CUDA unified memory)."""
+    if torch.device(device).type == "cuda":
+        import bitsandbytes                                             # imported here: CUDA only
+        return bitsandbytes.optim.PagedAdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                             optim_bits=32)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def rng_state():
+    """Every random stream a step draws from, in types torch.load(weights_only=True) accepts:
+    python's random.getstate() is a tuple of ints; numpy's MT19937 key becomes an int64 tensor.
+    Under DDP each rank has its own streams (dropout masks differ per rank), so this is a collective
+    that every rank calls: it returns the list of all ranks' states, index = rank."""
+    if dist.is_initialized():
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, _local_rng_state())
+        return states
+    return _local_rng_state()
+
+
+def _local_rng_state():
+    np_state = np.random.get_state(legacy=False)
+    return {"python": random.getstate(),
+            "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                      "pos": int(np_state["state"]["pos"]),
+                      "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned: the next draws equal those that followed the save.
+    A list (saved under DDP) gives each rank its own entry; it must hold one per rank."""
+    if isinstance(state, list):
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if len(state) != world_size:
+            raise ValueError(f"checkpoint holds RNG states of {len(state)} ranks, this run has {world_size}")
+        state = state[rank]
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "has_gauss": n["has_gauss"], "gauss": n["gauss"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]}})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory, state):
+    """Write state (a dict of tensors, numbers, strings, lists, dicts) to <directory>/checkpoint.pt
+    atomically: write a temp file beside it, fsync, os.replace, fsync the directory. Call on rank 0 only.
+    If anything fails mid-write the temp file is removed and the previous checkpoint is untouched."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, CHECKPOINT)
+    tmp = path + ".tmp"                                # one writer (rank 0): a fixed name, never left to grow
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:                              # includes KeyboardInterrupt / SystemExit
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fd = os.open(directory, os.O_RDONLY)               # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def load_checkpoint(directory, map_location="cpu"):
+    """The state last saved in <directory>, or None if there is none. Reads checkpoint.pt only (a
+    leftover .tmp from a killed save is ignored) with weights_only=True: no code runs from the file.
+    Tensors land on map_location; optimizer.load_state_dict moves its state to the parameters' device."""
+    path = os.path.join(directory, CHECKPOINT)
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+
+
+# --- stopping cleanly on SIGINT / SIGTERM -------------------------------------------------------
+
+class GracefulExit:
+    """Within `with GracefulExit(device) as stop:` the first SIGINT or SIGTERM only sets a flag; the loop
+    checks stop.should_stop() after each optimizer step, saves a checkpoint and leaves. A second signal
+    exits at once (SystemExit 128 + signal number; the last completed checkpoint stays valid).
+    Under DDP should_stop() is an all-reduce (max) of the flag, so every rank stops at the same step
+    even if the signal reached them at different moments."""
+
+    def __init__(self, device="cpu", signals=(signal.SIGINT, signal.SIGTERM)):
+        self.device, self.signals, self.requested, self._previous = torch.device(device), signals, False, {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(f"{name} again: exiting now", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        self.requested = True
+        print(f"{name}: stopping after this step with a checkpoint (send again to exit now)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+    def should_stop(self):
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+def format_hms(seconds):
+    """h:mm:ss, e.g. 3725 → '1:02:05'; hours grow past 24 instead of becoming days."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def peak_memory_gb(device):
+    """Peak memory in GiB: on CUDA torch.cuda.max_memory_allocated (tensors of this process on that
+    device); elsewhere the process's peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
+
+class Progress:
+    """Wall-clock bookkeeping for log lines. update(step, tokens) with the number of optimizer steps
+    done and the tokens processed since the last call (all ranks' tokens under DDP) returns elapsed, tokens/s since the last call and
+    the ETA (from the mean step time since start_step, so a resumed run estimates from its own steps)."""
+
+    def __init__(self, total_steps, start_step=0):
+        self.total_steps, self.start_step = total_steps, start_step
+        self.t0 = self.t_last = time.perf_counter()
+
+    def update(self, step, tokens):
+        now = time.perf_counter()
+        elapsed, since_last = now - self.t0, max(now - self.t_last, 1e-9)
+        self.t_last = now
+        done = step - self.start_step
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+        return {"tok/s": tokens / since_last, "elapsed": format_hms(elapsed),
+                "eta": format_hms(eta) if math.isfinite(eta) else "?"}
+
+
+class MetricsLogger:
+    """log(step=..., loss=..., ...) prints one plain line, `step=12 loss=1.234 lr=0.0002 ...` (floats
+    with 6 significant digits), and appends the same record as one JSON line (full precision, plus
+    `time`, an ISO timestamp) to path, flushed at once. Append-only, so a resumed run continues the
+    file. Only the main rank writes: elsewhere (enabled=False) log does nothing."""
+
+    def __init__(self, path, enabled=None):
+        self.enabled = is_main() if enabled is None else enabled
+        self.file = None
+        if self.enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a")
+
+    def log(self, **record):
+        if not self.enabled:
+            return
+        record = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
+        print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+              flush=True)
+        record["time"] = datetime.datetime.now().isoformat(timespec="seconds")
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+# --- distributed data parallel ---------------------------------------------------------------------
+
+def setup_distributed(device=None):
+    """(rank, world_size, local_rank, device). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) joins the
+    process group: nccl on CUDA, gloo on CPU; each rank takes GPU local_rank. Without torchrun: one
+    process, rank 0. device: 'cpu', 'cuda', 'cuda:1' or None for cuda if available, else cpu."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return 0, 1, 0, device
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    return rank, world_size, local_rank, device
+
+
+def is_main():
+    """True on rank 0, and in a single process: the rank that prints, logs and saves."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def cleanup():
+    """Leave the process group (if any), as torch asks at the end of a DDP run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(tensor):
+    """Mean of tensor over ranks (a new tensor; the input is unchanged); itself in a single process."""
+    if not dist.is_initialized():
+        return tensor.detach().clone()
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
