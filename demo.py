@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from data.template import format_prompt
-from model import PRESETS, Llama, Tokenizer, load_pretrained, save_pretrained
+from model import PRESETS, Llama, Tokenizer, check_vocab, load_pretrained, save_pretrained
 from model.sampling import generate
 from model.tokenizer import train_tokenizer
 
@@ -50,6 +50,7 @@ def main(argv=None):
     ckpt = os.path.join(args.out, "model")
     save_pretrained(model, ckpt)
     model = load_pretrained(ckpt)
+    check_vocab(tok, model.config.vocab_size, ckpt)
     print(f"model: tiny LLaMA, {n_params / 1e6:.2f} M parameters, saved to and reloaded from {ckpt}/")
 
     prompts = [format_prompt(q) for q in ("Reverse the word stone.", "What is 7 plus 5?")]
