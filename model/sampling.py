@@ -72,11 +72,13 @@ def generate(model, prompts: list, max_new_tokens: int, *, temperature: float = 
     new = [[] for _ in range(B)]
     reason = [None] * B
     step_ids = ids                                                               # tokens fed this step
+    # Without padding the prompt needs no explicit mask: SDPA then runs its fused causal kernel.
+    padded = not bool(mask.all())
     for _ in range(max_new_tokens):
         if use_cache:
-            hidden = model.hidden_states(step_ids, attention_mask=mask, cache=cache)  # [B, t, D]
+            hidden = model.hidden_states(step_ids, attention_mask=mask if padded else None, cache=cache)  # [B, t, D]
         else:
-            hidden = model.hidden_states(ids, attention_mask=mask)                     # [B, T, D]
+            hidden = model.hidden_states(ids, attention_mask=mask if padded else None)                     # [B, T, D]
         logits = model.lm_head(hidden[:, -1])                                    # [B, V] last position only
         nxt = sample_next(logits, temperature, top_p, generator)                # [B]
         for i in range(B):

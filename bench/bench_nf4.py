@@ -1,0 +1,175 @@
+"""NF4 on the CPU, ours against bitsandbytes, in one run (only same-run ratios mean anything):
+
+  1. dequantisation of an 8640 × 3200 weight (OpenLLaMA-3B's MLP shape), double-quantised, to fp32 and bf16:
+     lora.nf4 NF4Tensor.dequantize against bitsandbytes.functional.dequantize_4bit;
+  2. forward + backward of a 4-bit LoRA linear, x [4, 256, in], r 64, alpha 16, dropout 0.05, fp32 and bf16
+     compute, both MLP shapes: lora.layers LoRALinear(Linear4bit) against bitsandbytes Linear4bit + PEFT LoRA;
+  3. where the time goes: torch.profiler's top operators for one step of each layer;
+  4. peak RSS added by quantising one fp16 8640 × 3200 tensor, each in a fresh subprocess.
+The machine line gives fp32 and bf16 matmul GFLOP/s and the load average measured in the same run; OpenMP
+threads wait passively unless OMP_WAIT_POLICY says otherwise (see below).
+Timings interleave ours and theirs, repetition by repetition, and report the median and the best.
+
+    python bench/bench_nf4.py [--reps 7] [--no-profile] [--threads N]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
+# On a machine busier than its CPUs, OpenMP's default spin-waiting makes each parallel operator wait for a
+# descheduled thread (measured: ~10 ms an operator here), which punishes code made of many operators.
+# Passive (futex) waiting avoids that, for bitsandbytes and ours alike; set OMP_WAIT_POLICY to override.
+# It must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from bench.machine import describe, peak_rss_bytes, rss_bytes, run_json  # noqa: E402
+
+N_OUT, N_IN = 8640, 3200          # gate/up: 3200 → 8640; down: 8640 → 3200
+TOKENS = (4, 256)
+R, ALPHA, DROPOUT = 64, 16, 0.05
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+    """{name: (median s, best s)}, the functions run in turn within each repetition after one warm-up."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+
+
+def bnb_lora_layer(W, compute_dtype):
+    """bitsandbytes Linear4bit (NF4, double quant, blocks of 64) wrapped by PEFT's LoRA."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(W.shape[1], W.shape[0], bias=False, compute_dtype=compute_dtype,
+                                          quant_type="nf4", compress_statistics=True)
+            self.proj.weight = bnb.nn.Params4bit(W.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
+                                                 compress_statistics=True)._quantize("cpu")
+
+        def forward(self, x):
+            return self.proj(x)
+
+    return get_peft_model(Holder(), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["proj"]))
+
+
+def our_lora_layer(W, compute_dtype):
+    from lora.layers import Linear4bit, LoRALinear
+    return LoRALinear(Linear4bit(W, compute_dtype=compute_dtype), R, ALPHA, DROPOUT)
+
+
+def train_step(layer, x, g):
+    layer(x).backward(g)
+
+
+def bench_dequantize(reps):
+    import bitsandbytes.functional as bnbF
+    from lora.nf4 import quantize_nf4
+    W = torch.randn(N_OUT, N_IN, generator=torch.Generator().manual_seed(0)) * 0.02
+    q = quantize_nf4(W)
+    packed, state = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    print(f"\n1. dequantize {N_OUT} x {N_IN} (NF4, double quant), ms: median (best); Gvalues/s from the median")
+    print(f"   {'dtype':<9} {'bitsandbytes':>18} {'ours':>18} {'ours/bnb':>9} {'bnb Gv/s':>9} {'ours Gv/s':>10}")
+    for dtype in (torch.float32, torch.bfloat16):
+        state.dtype = dtype
+        assert torch.equal(q.dequantize(dtype), bnbF.dequantize_4bit(packed, state))
+        t = interleaved({"bnb": lambda: bnbF.dequantize_4bit(packed, state), "ours": lambda: q.dequantize(dtype)}, reps)
+        gv = lambda s: W.numel() / s / 1e9                                   # noqa: E731
+        print(f"   {str(dtype)[6:]:<9} {t['bnb'][0]*1e3:9.1f} ({t['bnb'][1]*1e3:6.1f}) {t['ours'][0]*1e3:9.1f} "
+              f"({t['ours'][1]*1e3:6.1f}) {t['ours'][0]/t['bnb'][0]:9.2f} {gv(t['bnb'][0]):9.2f} {gv(t['ours'][0]):10.2f}")
+
+
+def bench_layers(reps, profile):
+    print(f"\n2. LoRA linear forward+backward, x {list(TOKENS)} x in, r {R}, alpha {ALPHA}, dropout {DROPOUT}; "
+          f"ms: median (best); GFLOP/s counts the two base matmuls (4·M·N·K)")
+    print(f"   {'shape':<12} {'dtype':<9} {'bnb + PEFT':>18} {'ours':>18} {'ours/bnb':>9} {'bnb GF/s':>9} {'ours GF/s':>10}")
+    profiles = []
+    for n_out, n_in in ((N_OUT, N_IN), (N_IN, N_OUT)):
+        W = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(1)) * 0.02
+        for dtype in (torch.float32, torch.bfloat16):
+            layers = {"bnb": bnb_lora_layer(W, dtype), "ours": our_lora_layer(W, dtype)}
+            g = torch.Generator().manual_seed(2)
+            x = torch.randn(*TOKENS, n_in, generator=g).to(dtype).requires_grad_()
+            dy = torch.randn(*TOKENS, n_out, generator=g).to(dtype)
+            t = interleaved({k: (lambda m=m: train_step(m, x, dy)) for k, m in layers.items()}, reps)
+            flops = 4 * x.shape[0] * x.shape[1] * n_in * n_out
+            print(f"   {f'{n_in}->{n_out}':<12} {str(dtype)[6:]:<9} {t['bnb'][0]*1e3:9.1f} ({t['bnb'][1]*1e3:6.1f}) "
+                  f"{t['ours'][0]*1e3:9.1f} ({t['ours'][1]*1e3:6.1f}) {t['ours'][0]/t['bnb'][0]:9.2f} "
+                  f"{flops/t['bnb'][0]/1e9:9.1f} {flops/t['ours'][0]/1e9:10.1f}")
+            if profile and n_out == N_OUT:
+                profiles += [(f"{k}, {str(dtype)[6:]}", m, x, dy) for k, m in layers.items()]
+    return profiles
+
+
+def print_profiles(profiles):
+    from torch.profiler import profile
+    print("\n3. where the time goes (torch.profiler, one forward+backward, 3200 -> 8640): top operators by self CPU time")
+    for label, layer, x, dy in profiles:
+        with profile() as p:
+            train_step(layer, x, dy)
+        rows = sorted(p.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in rows)
+        top = ", ".join(f"{e.key} {e.self_cpu_time_total/1e3:.0f} ms ({e.count}x)" for e in rows[:6])
+        print(f"   {label:<14} total {total/1e3:6.0f} ms: {top}")
+
+
+def child_quantize(which):
+    """Subprocess body: one fp16 weight, quantised by `which`; prints the peak RSS above the RSS with the
+    weight alone, as JSON."""
+    W = torch.randn(N_OUT, N_IN, dtype=torch.float16, generator=torch.Generator().manual_seed(3))
+    before = rss_bytes()
+    if which == "ours":
+        from lora.nf4 import quantize_nf4
+        quantize_nf4(W)
+    else:
+        import bitsandbytes.functional as bnbF
+        bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    print(json.dumps({"extra_bytes": peak_rss_bytes() - before}))
+
+
+def bench_quantize_rss():
+    print(f"\n4. peak RSS while quantising one fp16 {N_OUT} x {N_IN} tensor ({N_OUT*N_IN*2/2**20:.0f} MiB; its "
+          f"NF4 form is {N_OUT*N_IN*4.127/8/2**20:.0f} MiB), above the RSS with the tensor alone, fresh subprocess each")
+    for which in ("ours", "bnb"):
+        extra = run_json([sys.executable, os.path.abspath(__file__), "--child", which])["extra_bytes"]
+        print(f"   {which:<5} +{extra/2**20:7.0f} MiB")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions of each measurement")
+    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--child", choices=("ours", "bnb"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child_quantize(args.child)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(describe())
+    print("load average (1, 5, 15 min): %.2f %.2f %.2f" % os.getloadavg(), f"on {os.cpu_count()} CPUs, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    bench_dequantize(args.reps)
+    profiles = bench_layers(args.reps, not args.no_profile)
+    if profiles:
+        print_profiles(profiles)
+    bench_quantize_rss()
+    print("load average at the end: %.2f %.2f %.2f" % os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()
