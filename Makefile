@@ -4,8 +4,11 @@ RUN    := $(PY) -u
 STAMP  := .venv/.installed-runtime
 TSTAMP := .venv/.installed-test
 
-.PHONY: demo test bench download help
+.PHONY: demo base data sft dpo eval test bench download help
 help:
+	@echo "make sft dpo eval  the recipe on the embedded CPU default (toy world, tiny LLaMA; minutes on 2 cores)"
+	@echo "make base      pretrain the tiny toy base (runs/base); sft builds it when missing"
+	@echo "make data      synthetic SFT data into runs/data: GENERATOR_URL/_MODEL, JUDGE_URL/_MODEL; none: toy stand-ins"
 	@echo "make demo      build a tiny model and tokenizer, save, reload and sample from it (CPU, ~1 min)"
 	@echo "make test      run the test suite (installs the test-only oracles first)"
 	@echo "make bench     run the benchmarks in bench/ (slow; needs ~10 GB of disk for the 3B checkpoint)"
@@ -23,6 +26,29 @@ $(TSTAMP): $(STAMP) requirements-test.txt
 
 demo: $(STAMP)
 	$(RUN) demo.py
+
+# The embedded default: base → SFT stages (LaMini → Orca → Evol-Instruct → HH-RLHF) → DPO → report.
+# Each step resumes where it stopped; delete runs/ to start over.
+base: runs/base/model.safetensors
+runs/base/model.safetensors: | $(STAMP)
+	$(RUN) train_base.py
+
+# Synthetic data: generate.py's three schemes, then filter.py, into runs/data/{lamini,orca,evol}.filtered.jsonl.
+# A role without GENERATOR_URL/_MODEL (JUDGE_URL/_MODEL) gets the toy stand-in (synth/toy_llm.py) on
+# 127.0.0.1. Real inputs: DATA_FLAGS="--seeds dolly.jsonl --topics topics.txt --tasks flan.jsonl".
+data: $(STAMP)
+	$(RUN) -m synth.pipeline $(DATA_FLAGS)
+
+sft: base $(STAMP)
+	$(RUN) train_sft.py --config configs/tiny.toml --resume
+
+dpo: $(STAMP)
+	@test -d runs/tiny/hh_rlhf/merged || $(MAKE) sft
+	$(RUN) train_dpo.py --config configs/dpo-tiny.toml --resume
+
+eval: $(STAMP)
+	@test -d runs/tiny-dpo/merged || $(MAKE) dpo
+	$(RUN) evaluate.py report
 
 test: $(TSTAMP)
 	$(PY) -m pytest -q

@@ -1,9 +1,439 @@
-"""DPO on HH-RLHF preference pairs. Not implemented yet: this script is a placeholder until its issue lands."""
-import sys
+"""DPO (Rafailov et al. 2023) with QLoRA on HH-RLHF preference pairs: the last step of the OpenBezoar recipe.
 
+    start     = cfg.base, the merged HH-RLHF SFT checkpoint (train_sft.py's last stage)
+    policy    = load_pretrained(start, quantize="nf4") + a fresh LoRA    frozen 4-bit base; only A, B train
+    reference = the same model inside `with disable_adapters(model):`    no second copy of the weights
+                (precompute_ref_logps: its log-probs computed once before training and cached in
+                <out_dir>/ref_logps.pt, so the loop runs the policy only)
+    loop:  B pairs → one [2B, T] forward (chosen rows, then rejected rows) → summed response log-probs
+           → the same batch through the reference under no_grad → dpo_loss → backward → all-reduce → clip
+           → AdamW step → log; held-out evaluation every eval_every steps; atomic checkpoints
+    save   <out_dir>/adapter   PEFT format
+           <out_dir>/merged    Hugging Face format: start's 16/32-bit W + B A · α/r (not the NF4 copy)
+
+Loss. One optimizer step sees a global batch of N = cfg.batch_size pairs (fewer in an epoch's last batch);
+    L = (1/N) Σ_pairs −log σ(β·h),   h = [log πθ(y_w|x) − log π_ref(y_w|x)] − [log πθ(y_l|x) − log π_ref(y_l|x)]
+(losses.dpo_loss, eq. 7; cDPO and IPO by label_smoothing / ipo). Each log π(y|x) is a sum over the response
+tokens (losses.sequence_logps_chunked). A micro-batch contributes Σ its pairs' losses / N, so the summed
+gradients are those of the global mean however the batch is split over micro-batches and ranks.
+
+Metrics, per optimizer step (TRL's names), each a mean over the step's pairs:
+    rewards/chosen      β (log πθ(y_w|x) − log π_ref(y_w|x))       the implicit reward of the chosen response
+    rewards/rejected    β (log πθ(y_l|x) − log π_ref(y_l|x))
+    rewards/accuracies  fraction of pairs with rewards/chosen > rewards/rejected (0 at step 0: equal rewards)
+    rewards/margins     rewards/chosen − rewards/rejected
+    logps/chosen, logps/rejected   log πθ of the responses (summed over their tokens)
+plus loss, lr, grad_norm, tok/s, elapsed, eta and peak_mem_gb as in train_sft.py. The same names prefixed
+with eval/ are the held-out pairs' means, computed in eval mode (no dropout) every eval_every steps and at
+the end. A record goes to stdout and <out_dir>/metrics.jsonl.
+
+Data (data/hh.py hh_pairs, data/batching.py tokenize_pair): each HH-RLHF record's two transcripts are split at
+their last "\\n\\nAssistant:" into the shared prompt and the two responses, put into the HH SFT stage's
+template, tokenised as prompt once + each response, so both rows start with the same prompt tokens. Records
+whose two prompts differ (17 of the 8552 test records), empty or identical responses, and malformed ones are
+skipped and counted; too-long pairs are cut (prompt from the left down to min_prompt_len, then responses),
+counted. The counts are printed at the start.
+
+Data parallel (torchrun --nproc_per_node=N; gloo on CPU, NCCL on GPU), checkpoints and --resume exactly as in
+train_sft.py: rank r takes its consecutive run of micro-batches of each global batch, gradients are summed
+by hand; <out_dir>/checkpoint.pt (adapter, optimizer, step, every rank's RNG streams) is replaced atomically
+every save_every steps and on SIGINT/SIGTERM; a resumed run ends bit-identical to an uninterrupted one (CPU).
+The run is finished when <out_dir>/merged exists.
+
+Cached reference log-probs (precompute_ref_logps = true). The reference never changes, so its log-probs of
+every training and held-out pair can be computed once, before the first step (batches sorted by length, each
+rank a strided share, summed over ranks), saved atomically to <out_dir>/ref_logps.pt with a fingerprint of
+the start checkpoint and the tokens, and looked up in the loop: each step then costs a policy forward and
+backward only (about 3/4 of the in-loop reference's work). The cached values equal the in-loop ones up to
+float rounding (the batches are padded differently); a resumed run reuses the file when its fingerprint
+matches.
+
+The embedded default (configs/dpo-tiny.toml): toy_records > 0 with a missing data file writes it from
+data/toy.py first (toy_eval_records likewise for the held-out file, from the toy world's held-out split);
+eval_toy > 0 scores the start (SFT) and the merged DPO model on held-out toy tasks (greedy exact match,
+training.record_eval) into <out_dir>/eval_toy.json and stdout.
+
+Shapes: B pairs in a micro-batch, T tokens, D hidden, N pairs in the data.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from config import dump_config, load_config
+from data import toy
+from data.batching import LengthGroupedSampler, collate_dpo, tokenize_pairs
+from data.hh import hh_files, hh_pairs
+from losses import dpo_loss, sequence_logps_chunked
+from lora import apply_lora, disable_adapters
+from model import Tokenizer, check_vocab
+from model.loading import load_pretrained
+from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, check_same_config,
+                      cleanup, is_main, load_checkpoint, lr_at, make_optimizer, micro_batches, peak_memory_gb,
+                      record_eval, restore_trainable, rng_state, save_adapter_and_merged, save_checkpoint,
+                      seed_everything, setup_distributed, write_jsonl)
+
+REF_LOGPS = "ref_logps.pt"
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")
+
+
+@dataclass
+class DPOConfig:
+    """DPO with QLoRA (train_dpo.py). Defaults: the OpenBezoar recipe (configs/dpo-openbezoar-3b.toml)."""
+    base: str = "runs/openbezoar-3b/hh_rlhf/merged"  # the merged HH-RLHF SFT checkpoint to start from
+                                          # (paper: OpenBezoar-HH-RLHF-SFT)
+    tokenizer: Optional[str] = None       # SentencePiece tokenizer.model; none = <base>/tokenizer.model
+    out_dir: str = "runs/openbezoar-3b-dpo"  # checkpoint.pt, adapter/, merged/, metrics.jsonl, config.toml
+    # Training pairs: HH-RLHF .jsonl.gz files, or a folder <root>/<subset>/train.jsonl.gz (download.py hh-rlhf)
+    data: list[str] = field(default_factory=lambda: ["downloads/hh-rlhf"])
+    first_n: Optional[int] = None         # read only the first N records (paper: "a subset"; unknown which)
+    # Held-out pairs for eval/ metrics: files, or a folder whose test split is read
+    eval_data: list[str] = field(default_factory=lambda: ["downloads/hh-rlhf"])
+    eval_first_n: Optional[int] = 1000    # read only the first N held-out records (none: all)
+    toy_records: int = 0                  # embedded default: if data[0] is missing, write this many toy pairs
+    toy_eval_records: int = 0             # and this many held-out toy pairs to eval_data[0] if it is missing
+    epochs: int = 1                       # passes over the pairs (paper: 1)
+    max_steps: Optional[int] = None       # stop after this many optimizer steps (none: all epochs)
+    resume: bool = False                  # continue the run in out_dir (a bare --resume means true)
+    seed: int = 0
+    device: Optional[str] = None          # cpu, cuda, cuda:1; none = cuda if available, else cpu
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # compute dtype (QLoRA: bf16)
+    quantize: Literal["nf4", "none"] = "nf4"  # the frozen base: NF4 + double quantisation (QLoRA), or dense
+    lora_r: int = 16                      # LoRA rank (paper: the SFT stages' 16)
+    lora_alpha: float = 16.0              # LoRA alpha (paper: 16)
+    lora_dropout: float = 0.05            # dropout on the adapter's input (paper: 0.05)
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])  # adapted layers
+    # The DPO loss (losses.dpo_loss). The paper does not state beta; 0.1 is the DPO paper's and TRL's value.
+    beta: float = 0.1                     # β: strength of the KL constraint to the reference
+    label_smoothing: float = 0.0          # cDPO's ε (probability that a preference label is flipped); 0 = DPO
+    ipo: bool = False                     # IPO's squared loss instead of DPO's sigmoid one
+    precompute_ref_logps: bool = False    # cache the reference log-probs before training (see the docstring)
+    # Optimisation: not stated by the paper.
+    lr: float = 5e-5                      # peak learning rate (LoRA DPO: 5e-6 … 5e-5 is usual)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    warmup_ratio: float = 0.1             # warmup steps = ceil(ratio · steps)
+    min_lr_ratio: float = 0.0             # the decay ends at min_lr_ratio · lr
+    weight_decay: float = 0.0             # AdamW's decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    max_grad_norm: float = 1.0            # clip the adapters' global gradient norm; 0 = off
+    batch_size: int = 32                  # pairs per optimizer step, over all ranks
+    micro_batch_size: int = 2             # pairs per forward pass on one rank (2 × as many rows)
+    max_len: int = 512                    # tokens per row (prompt + response); longer pairs are cut
+    min_prompt_len: int = 128             # a cut keeps at least this much prompt
+    gradient_checkpointing: bool = True   # recompute each block in backward
+    loss_chunk_size: int = 1024           # response positions per lm_head chunk (losses.py)
+    merged_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None  # merged/'s storage dtype;
+                                          # none = start's (OpenBezoar-DPO: fp16)
+    # Bookkeeping: none of these changes the result.
+    log_every: int = 10                   # steps between log lines (stdout and metrics.jsonl)
+    save_every: int = 200                 # steps between checkpoints (also on SIGINT/SIGTERM); 0 = signals only
+    eval_every: int = 100                 # steps between held-out evaluations (also after the last); 0 = end only
+    eval_toy: int = 0                     # held-out toy tasks scored before and after DPO (0 = none)
+    eval_max_new_tokens: int = 64         # generation budget per toy answer
+
+    def __post_init__(self):
+        if not self.data or not self.eval_data:
+            raise ValueError("data and eval_data must each name at least one file or folder")
+        for name in ("batch_size", "micro_batch_size", "max_len", "lora_r", "log_every", "loss_chunk_size",
+                     "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} is {getattr(self, name)}, expected ≥ 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio is {self.warmup_ratio}, expected 0 ≤ ratio < 1")
+        if not self.beta > 0:
+            raise ValueError(f"beta is {self.beta}, expected > 0")
+        if min(self.toy_records, self.toy_eval_records, self.eval_every, self.save_every, self.eval_toy) < 0:
+            raise ValueError("toy_records, toy_eval_records, eval_every, save_every and eval_toy must be ≥ 0")
+
+
+# Fields that change nothing in the result: a resumed run may set them differently.
+RUN_CONTROL = ("resume", "device", "log_every", "save_every", "eval_every", "eval_toy", "eval_max_new_tokens")
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def read_pairs(paths, split, first_n):
+    """data/hh.py hh_pairs of the files (a folder means its four subsets' <split>.jsonl.gz)."""
+    files = [p for d in paths for p in (hh_files(d, split) if os.path.isdir(d) else [d])]
+    return hh_pairs(files, first_n=first_n)
+
+
+def pair_tokens(row):
+    return len(row["chosen_input_ids"]) + len(row["rejected_input_ids"])
+
+
+# --- log-probs and metrics -------------------------------------------------------------------------
+
+def concatenated_logps(model, input_ids, labels, chunk_size):
+    """Summed response log-probs of a collate_dpo batch in one forward pass (the DPO reference code's
+    concatenated_forward). input_ids, labels [2B, T], the B chosen rows first → (chosen [B], rejected [B]).
+    Right padding needs no attention mask: causal attention keeps every real token from the pads after it."""
+    hidden = model.hidden_states(input_ids)                                            # [2B, T, D]
+    logps = sequence_logps_chunked(hidden, model.lm_head.weight, labels, chunk_size)   # [2B]
+    return logps.chunk(2)                                                              # [B], [B]
+
+
+def pair_sums(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):
+    """[len(METRICS)] sums over a micro-batch's pairs (fp64), in METRICS order; divided by the pair count
+    once all micro-batches and ranks are summed."""
+    values = (losses.detach(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
+              chosen_rewards - rejected_rewards, policy_chosen_logps.detach(), policy_rejected_logps.detach())
+    return torch.stack([v.double().sum() for v in values])
+
+
+def reduce_sums(sums):
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums
+
+
+@torch.no_grad()
+def reference_logps(model, rows, cfg, pad_id, rank, world_size, device, what):
+    """[N, 2] fp32 (log π_ref(y_w|x), log π_ref(y_l|x)) of every row: adapters disabled, no gradients. Rank r
+    scores rows r, r + W, … in batches of similar length; the ranks' zero-filled results are summed."""
+    out = torch.zeros(len(rows), 2, dtype=torch.float32, device=device)                # [N, 2]
+    mine = sorted(range(rank, len(rows), world_size), key=lambda j: -pair_tokens(rows[j]))
+    size = cfg.micro_batch_size
+    with disable_adapters(model):
+        for k in tqdm(range(0, len(mine), size), desc=f"reference log-probs ({what})", disable=not is_main()):
+            idx = mine[k:k + size]
+            b = collate_dpo([rows[j] for j in idx], pad_id)
+            ref = concatenated_logps(model, b["input_ids"].to(device), b["labels"].to(device), cfg.loss_chunk_size)
+            out[idx] = torch.stack(ref, 1).float()                                     # [B, 2]
+    return reduce_sums(out)
+
+
+def fingerprint(start, cfg, rows, eval_rows):
+    """What the reference log-probs depend on: the start checkpoint (path, weight files' sizes and times),
+    the dtype and quantisation, and every pair's tokens. A cache with another fingerprint is recomputed."""
+    h = hashlib.sha256(json.dumps([os.path.abspath(start), cfg.dtype, cfg.quantize]).encode())
+    for name in sorted(os.listdir(start)):
+        if name.endswith((".safetensors", ".bin")):
+            st = os.stat(os.path.join(start, name))
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for r in rows + [None] + eval_rows:
+        h.update(json.dumps(r and [r["prompt_len"], r["chosen_input_ids"], r["rejected_input_ids"]]).encode())
+    return h.hexdigest()
+
+
+def cached_reference(model, start, rows, eval_rows, cfg, pad_id, rank, world_size, device):
+    """(train [N, 2], eval [M, 2]) reference log-probs: from <out_dir>/ref_logps.pt if its fingerprint
+    matches, else computed (reference_logps) and saved there atomically by the main rank."""
+    key = fingerprint(start, cfg, rows, eval_rows)
+    saved = load_checkpoint(cfg.out_dir, name=REF_LOGPS)
+    if saved is not None and saved["fingerprint"] == key:
+        if is_main():
+            print(f"reference log-probs: read {cfg.out_dir}/{REF_LOGPS}")
+        return saved["train"].to(device), saved["eval"].to(device)
+    if saved is not None and is_main():
+        print(f"reference log-probs: {cfg.out_dir}/{REF_LOGPS} is for other pairs or weights; recomputing")
+    train = reference_logps(model, rows, cfg, pad_id, rank, world_size, device, "train")
+    held_out = reference_logps(model, eval_rows, cfg, pad_id, rank, world_size, device, "eval")
+    if is_main():
+        save_checkpoint(cfg.out_dir, {"fingerprint": key, "train": train.cpu(), "eval": held_out.cpu()},
+                        name=REF_LOGPS)
+    return train, held_out
+
+
+@torch.no_grad()
+def evaluate(model, rows, ref_cache, cfg, pad_id, rank, world_size, device):
+    """{"eval/<metric>": mean over the held-out pairs}, in eval mode (no dropout); rank r takes every W-th
+    micro-batch."""
+    model.eval()
+    sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
+    batches = [list(range(k, min(k + cfg.micro_batch_size, len(rows))))
+               for k in range(0, len(rows), cfg.micro_batch_size)]
+    for idx in batches[rank::world_size]:
+        b = collate_dpo([rows[j] for j in idx], pad_id)
+        input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)         # [2B, T]
+        policy = concatenated_logps(model, input_ids, labels, cfg.loss_chunk_size)
+        if ref_cache is not None:
+            ref = ref_cache[idx].unbind(1)
+        else:
+            with disable_adapters(model):
+                ref = concatenated_logps(model, input_ids, labels, cfg.loss_chunk_size)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(*policy, *ref, cfg.beta, cfg.label_smoothing, cfg.ipo)
+        sums += pair_sums(losses, chosen_rewards, rejected_rewards, *policy)
+    model.train()
+    return {f"eval/{name}": v.item() / len(rows) for name, v in zip(METRICS, reduce_sums(sums))}
+
+
+# --- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
-    sys.exit("train_dpo.py: not implemented yet (DPO on HH-RLHF preference pairs)")
+    argv = bare_resume(sys.argv[1:] if argv is None else argv)      # a bare --resume means --resume true
+    cfg = load_config(DPOConfig, argv, prog="train_dpo.py")
+    rank, world_size, _, device = setup_distributed(cfg.device)
+    if cfg.batch_size % (cfg.micro_batch_size * world_size):
+        raise SystemExit(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size × world size "
+                         f"= {cfg.micro_batch_size} × {world_size}")
+
+    # --- the run folder: a fresh run refuses to overwrite one; --resume checks the config is the same
+    saved, merged = os.path.join(cfg.out_dir, "config.toml"), os.path.join(cfg.out_dir, "merged")
+    started = os.path.exists(os.path.join(cfg.out_dir, "checkpoint.pt")) or os.path.isdir(merged)
+    if started and not cfg.resume:
+        raise SystemExit(f"{cfg.out_dir} already holds a DPO run; pass --resume to continue it, or choose "
+                         f"another out_dir")
+    if cfg.resume:
+        check_same_config(DPOConfig, cfg, saved, RUN_CONTROL)
+    start = cfg.base
+    if not os.path.isfile(os.path.join(start, "config.json")):
+        raise SystemExit(f"{start}: no config.json; base must be the merged HH-RLHF SFT checkpoint "
+                         f"(train_sft.py writes <out_dir>/hh_rlhf/merged)")
+    seed_everything(cfg.seed, deterministic=True)
+    tok = Tokenizer(cfg.tokenizer or os.path.join(start, "tokenizer.model"))
+    if is_main():
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(cfg)
+        dump_config(cfg, saved)
+    if os.path.isdir(merged):
+        if is_main():
+            print(f"finished earlier: {merged}")
+            if cfg.eval_toy:
+                record_eval(cfg, "dpo", merged, tok, device)
+        cleanup()
+        return
+
+    # --- data: toy files first (embedded default), then the pairs, tokenised prompt once + each response
+    if is_main():
+        for path, n, split in ((cfg.data[0], cfg.toy_records, "train"),
+                               (cfg.eval_data[0], cfg.toy_eval_records, "heldout")):
+            if n and not os.path.exists(path):
+                write_jsonl(path, toy.hh_pairs(n, cfg.seed, split))
+                print(f"wrote {n} toy {split} preference pairs to {path}")
+    if dist.is_initialized():
+        dist.barrier()                                  # the toy files exist before any rank reads them
+    pairs, stats = read_pairs(cfg.data, "train", cfg.first_n)
+    eval_pairs, eval_stats = read_pairs(cfg.eval_data, "test", cfg.eval_first_n)
+    rows, tok_stats = tokenize_pairs(tok, pairs, cfg.max_len, cfg.min_prompt_len)
+    eval_rows, eval_tok_stats = tokenize_pairs(tok, eval_pairs, cfg.max_len, cfg.min_prompt_len)
+    if is_main():
+        print(f"train {stats}\ntrain {tok_stats}\neval {eval_stats}\neval {eval_tok_stats}")
+    if not rows or not eval_rows:
+        raise SystemExit(f"no usable pairs in {', '.join(cfg.data if not rows else cfg.eval_data)}")
+    sampler = LengthGroupedSampler([max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in rows],
+                                   cfg.batch_size, cfg.seed)
+    total = len(sampler) * cfg.epochs
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    if cfg.eval_toy and is_main():
+        results = os.path.join(cfg.out_dir, "eval_toy.json")
+        if not os.path.exists(results) or "sft" not in json.load(open(results)):
+            record_eval(cfg, "sft", start, tok, device)    # the starting point, before the model is loaded
+
+    # --- model: frozen (NF4) base + a fresh LoRA; the reference is the same model with adapters disabled
+    model = load_pretrained(start, dtype=cfg.dtype, device=device, quantize=None if cfg.quantize == "none" else "nf4")
+    check_vocab(tok, model.config.vocab_size, os.path.join(start, "config.json"))
+    seed_everything(cfg.seed, deterministic=True)                   # same adapters on every rank
+    apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    torch.manual_seed(cfg.seed + 7919 * (rank + 1))                 # dropout masks: a stream per rank
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.train()
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}   # lora_A, lora_B
+    optimizer = make_optimizer(list(params.values()), cfg.lr, cfg.weight_decay, cfg.betas, device)
+
+    start_step = 0
+    ckpt = load_checkpoint(cfg.out_dir) if cfg.resume else None    # on the CPU (RNG states must be)
+    if ckpt is not None:
+        start_step = restore_trainable(ckpt, params, optimizer, f"{cfg.out_dir}/checkpoint.pt")
+        if is_main():
+            print(f"resuming at step {start_step} of {total}")
+    accum = cfg.batch_size // (cfg.micro_batch_size * world_size)
+    if is_main():
+        print(f"{len(rows)} pairs, {total} steps of {cfg.batch_size} pairs ({world_size} rank(s) × {accum} "
+              f"accumulation × {cfg.micro_batch_size}), warmup {warmup}, lr {cfg.lr:g}, beta {cfg.beta:g}, "
+              f"{sum(p.numel() for p in params.values()) / 1e6:.3f} M trainable parameters; from {start}")
+    ref_cache = eval_ref_cache = None
+    if cfg.precompute_ref_logps:
+        ref_cache, eval_ref_cache = cached_reference(model, start, rows, eval_rows, cfg, tok.pad_id, rank,
+                                                     world_size, device)
+    logger = MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))
+
+    def checkpoint(step):
+        rng = rng_state()                               # a collective under DDP: every rank calls it
+        if is_main():
+            save_checkpoint(cfg.out_dir, {"adapter": {n: p.detach() for n, p in params.items()},
+                                          "optimizer": optimizer.state_dict(), "step": step, "rng": rng})
+
+    # --- loop
+    progress, tokens = Progress(total, start_step), 0
+    window, window_pairs = torch.zeros(len(METRICS), dtype=torch.float64, device=device), 0
+    batches, batches_epoch = None, None
+    with GracefulExit(device) as stop:
+        for step in range(start_step, total):
+            epoch, k = divmod(step, len(sampler))
+            if batches_epoch != epoch:
+                batches, batches_epoch = sampler.batches(epoch), epoch
+            batch = batches[k]                                              # pair indices, global batch
+            sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
+            for idx in micro_batches(range(len(rows)), batch, rank, world_size, cfg.micro_batch_size):
+                b = collate_dpo([rows[j] for j in idx], tok.pad_id)
+                input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)   # [2B, T]
+                policy_chosen_logps, policy_rejected_logps = concatenated_logps(model, input_ids, labels,
+                                                                                cfg.loss_chunk_size)  # [B]
+                if ref_cache is not None:
+                    ref_chosen_logps, ref_rejected_logps = ref_cache[idx].unbind(1)            # [B]
+                else:
+                    with torch.no_grad(), disable_adapters(model):                            # π_ref
+                        ref_chosen_logps, ref_rejected_logps = concatenated_logps(model, input_ids, labels,
+                                                                                  cfg.loss_chunk_size)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    cfg.beta, cfg.label_smoothing, cfg.ipo)                                   # [B]
+                (losses.sum() / len(batch)).backward()      # this micro-batch's share of the global mean
+                sums += pair_sums(losses, chosen_rewards, rejected_rewards, policy_chosen_logps,
+                                  policy_rejected_logps)
+            all_reduce_grads(params.values())               # sum of the shares = the global batch's gradient
+            window += reduce_sums(sums)
+            window_pairs += len(batch)
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()),
+                                                       cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            lr = lr_at(step, total, warmup, cfg.lr, cfg.schedule, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            tokens += sum(pair_tokens(rows[j]) for j in batch)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                means = {name: v.item() / window_pairs for name, v in zip(METRICS, window)}
+                logger.log(step=step + 1, **means, lr=lr, grad_norm=grad_norm.item(),
+                           **progress.update(step + 1, tokens), peak_mem_gb=peak_memory_gb(device))
+                window, window_pairs, tokens = torch.zeros_like(window), 0, 0
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total:
+                logger.log(step=step + 1, **evaluate(model, eval_rows, eval_ref_cache, cfg, tok.pad_id, rank,
+                                                     world_size, device))
+            stopping = stop.should_stop()
+            if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                checkpoint(step + 1)
+            if stopping:
+                if is_main():
+                    print(f"stopped after step {step + 1}; continue with --resume")
+                logger.close()
+                cleanup()
+                return
+
+    # --- save: the adapter (PEFT), then the merge into start's 16/32-bit weights (HF), renamed into place
+    if is_main():
+        n = save_adapter_and_merged(model, start, cfg.out_dir, tok.path, dtype=cfg.merged_dtype)
+        print(f"saved {cfg.out_dir}/adapter (PEFT) and {merged} ({n} weights merged)")
+        if cfg.eval_toy:
+            sft_em = json.load(open(os.path.join(cfg.out_dir, "eval_toy.json")))["sft"]["exact_match"]
+            dpo_em = record_eval(cfg, "dpo", merged, tok, device)
+            print(f"eval_toy: exact_match sft {sft_em:.3f} → dpo {dpo_em:.3f}")
+    logger.close()
+    cleanup()
 
 
 if __name__ == "__main__":

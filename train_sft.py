@@ -41,11 +41,8 @@ tasks (greedy); the exact-match figures go to stdout and <out_dir>/eval_toy.json
 
 Shapes: B micro-batch, T tokens, D hidden, V vocab.
 """
-import gzip
-import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -53,19 +50,19 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from config import config_to_dict, dump_config, load_config
+from config import dump_config, load_config
 from data import toy
 from data.batching import LengthGroupedSampler, collate_sft
 from data.hh import hh_files, hh_sft_examples
 from data.sft import sft_examples, tokenize_examples
 from losses import IGNORE_INDEX, sequence_logps_chunked
-from lora import apply_lora, merge_into_checkpoint, save_adapter
+from lora import apply_lora
 from model import Tokenizer, check_vocab
 from model.loading import load_pretrained
-from model.sampling import generate
-from training import (GracefulExit, MetricsLogger, Progress, cleanup, is_main, load_checkpoint, lr_at,
-                      make_optimizer, peak_memory_gb, rng_state, save_checkpoint, seed_everything,
-                      set_rng_state, setup_distributed)
+from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, check_same_config,
+                      cleanup, is_main, load_checkpoint, lr_at, make_optimizer, micro_batches, peak_memory_gb,
+                      record_eval, restore_trainable, rng_state, save_adapter_and_merged, save_checkpoint,
+                      seed_everything, setup_distributed, write_jsonl)
 
 SCHEMES = ("lamini", "orca", "evol_instruct", "hh_rlhf")
 
@@ -170,14 +167,7 @@ def write_toy_data(stage, seed):
     else:
         make = {"lamini": toy.lamini_records, "orca": toy.orca_records, "evol_instruct": toy.evol_records}
         lines = make[stage.scheme](n, seed)             # generate.py's schema (data/sft.py "generated")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with (gzip.open if path.endswith(".gz") else open)(tmp, "wt", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_jsonl(path, lines)
     print(f"[{stage.name}] wrote {n} toy {stage.scheme} records to {path}")
 
 
@@ -190,49 +180,9 @@ def stage_examples(stage):
     return sft_examples(stage.data, first_n=stage.first_n)
 
 
-def micro_batches(rows, batch, rank, world_size, micro_batch_size):
-    """This rank's micro-batches of one global batch (a list of row indices): consecutive slices of
-    micro_batch_size, rank r taking the r-th run of A = len / (micro · world) slices. A short last batch
-    leaves later slices short or empty."""
-    per_rank = math.ceil(len(batch) / world_size / micro_batch_size) * micro_batch_size
-    mine = batch[rank * per_rank:(rank + 1) * per_rank]
-    return [[rows[i] for i in mine[k:k + micro_batch_size]] for k in range(0, len(mine), micro_batch_size)]
-
-
 def response_tokens(row):
     """Tokens a row is scored on: labels after the shift (losses.shift_labels) that are not -100."""
     return sum(label != IGNORE_INDEX for label in row["labels"][1:])
-
-
-# --- toy evaluation -------------------------------------------------------------------------------
-
-@torch.no_grad()
-def toy_exact_match(model, tok, n_tasks, seed, max_new_tokens, batch=64):
-    """Fraction of n_tasks held-out toy tasks (toy.heldout_tasks) answered exactly, greedy decoding of the
-    templated prompt until EOS."""
-    def answer(prompts):
-        out = []
-        for i in range(0, len(prompts), batch):
-            ids = [tok.encode(p) for p in prompts[i:i + batch]]
-            out += [c.text for c in generate(model, ids, max_new_tokens, eos_id=tok.eos_id, tokenizer=tok)]
-        return out
-    return toy.exact_match(answer, toy.heldout_tasks(n_tasks, seed))
-
-
-def record_eval(cfg, key, checkpoint, tok, device):
-    """Score a checkpoint on the toy tasks, print it and add it to <out_dir>/eval_toy.json (main rank)."""
-    model = load_pretrained(checkpoint, dtype=cfg.dtype, device=device)
-    em = toy_exact_match(model, tok, cfg.eval_toy, cfg.seed, cfg.eval_max_new_tokens)
-    path = os.path.join(cfg.out_dir, "eval_toy.json")
-    results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
-    results[key] = {"exact_match": em, "tasks": cfg.eval_toy, "checkpoint": checkpoint}
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(f"eval_toy {key}: exact_match={em:.3f} on {cfg.eval_toy} held-out toy tasks ({checkpoint})", flush=True)
 
 
 # --- one stage ------------------------------------------------------------------------------------
@@ -273,14 +223,7 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
     start_step = 0
     ckpt = load_checkpoint(stage_dir) if cfg.resume else None   # on the CPU (RNG states must be)
     if ckpt is not None:
-        if set(ckpt["adapter"]) != set(params):
-            raise SystemExit(f"{stage_dir}/checkpoint.pt: its adapter tensors do not match this config's LoRA")
-        with torch.no_grad():
-            for name, t in ckpt["adapter"].items():
-                params[name].copy_(t)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start_step = ckpt["step"]
+        start_step = restore_trainable(ckpt, params, optimizer, f"{stage_dir}/checkpoint.pt")
         if is_main():
             print(f"{tag} resuming at step {start_step} of {total}")
     accum = cfg.batch_size // (cfg.micro_batch_size * world_size)
@@ -316,11 +259,8 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
             loss = -logps.sum() / n_tokens              # this micro-batch's share of the global mean
             loss.backward()
             loss_sum += loss.detach()
-        if dist.is_initialized():                       # sum of the shares = the global batch's gradient
-            for p in params.values():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+        all_reduce_grads(params.values())               # sum of the shares = the global batch's gradient
+        if dist.is_initialized():
             dist.all_reduce(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()),
                                                    cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
@@ -347,11 +287,7 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
 
     # --- save: the adapter (PEFT), then the merge into start's 16/32-bit weights (HF), renamed into place
     if is_main():
-        save_adapter(model, os.path.join(stage_dir, "adapter"), base_model_name_or_path=start)
-        merging = os.path.join(stage_dir, "merged.partial")
-        n = merge_into_checkpoint(model, start, merging, dtype=stage.merged_dtype)
-        shutil.copyfile(tok.path, os.path.join(merging, "tokenizer.model"))
-        os.replace(merging, os.path.join(stage_dir, "merged"))
+        n = save_adapter_and_merged(model, start, stage_dir, tok.path, dtype=stage.merged_dtype)
         print(f"{tag} saved {stage_dir}/adapter (PEFT) and {stage_dir}/merged ({n} weights merged)")
     if dist.is_initialized():
         dist.barrier()
@@ -361,10 +297,7 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
 # --- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for j, arg in enumerate(argv):                      # a bare --resume means --resume true
-        if arg == "--resume" and (j + 1 == len(argv) or argv[j + 1].startswith("--")):
-            argv.insert(j + 1, "true")
+    argv = bare_resume(sys.argv[1:] if argv is None else argv)     # a bare --resume means --resume true
     cfg = load_config(SFTConfig, argv, prog="train_sft.py")
     rank, world_size, _, device = setup_distributed(cfg.device)
     if cfg.batch_size % (cfg.micro_batch_size * world_size):
@@ -378,13 +311,8 @@ def main(argv=None):
     if started and not cfg.resume:
         raise SystemExit(f"{cfg.out_dir} already holds stage(s) {', '.join(started)}; pass --resume to "
                          f"continue that run, or choose another out_dir")
-    if cfg.resume and os.path.exists(saved):
-        before = config_to_dict(load_config(SFTConfig, ["--config", saved]))
-        now = config_to_dict(cfg)
-        changed = [k for k in now if k not in RUN_CONTROL and now[k] != before.get(k)]
-        if changed:
-            raise SystemExit(f"{saved}: --resume with a different config ({', '.join(changed)} changed); "
-                             f"use the same config or another out_dir")
+    if cfg.resume:
+        check_same_config(SFTConfig, cfg, saved, RUN_CONTROL)
     seed_everything(cfg.seed, deterministic=True)
     tok = Tokenizer(cfg.tokenizer or os.path.join(cfg.base, "tokenizer.model"))
     if is_main():

@@ -1,5 +1,7 @@
 """What train_sft.py and train_dpo.py share: the learning-rate schedule, seeding, the optimiser, atomic
-checkpoints with resume, a clean stop on SIGINT/SIGTERM, metrics lines, and DDP set-up.
+checkpoints with resume, a clean stop on SIGINT/SIGTERM, metrics lines, DDP set-up and the split of a global
+batch into micro-batches, the end of a stage (PEFT adapter + merged checkpoint), and the embedded default's
+toy data files and exact-match evaluation.
 
 The loops themselves stay in the scripts. A resumable loop uses these pieces like this:
 
@@ -29,11 +31,13 @@ and the scripts write the finished adapters elsewhere. It holds only trainable s
 optimiser state, step, data position, RNG streams), never the frozen base model.
 """
 import datetime
+import gzip
 import json
 import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -41,6 +45,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from config import config_to_dict, load_config
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -139,12 +145,12 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory, state):
-    """Write state (a dict of tensors, numbers, strings, lists, dicts) to <directory>/checkpoint.pt
+def save_checkpoint(directory, state, name=CHECKPOINT):
+    """Write state (a dict of tensors, numbers, strings, lists, dicts) to <directory>/<name> (checkpoint.pt)
     atomically: write a temp file beside it, fsync, os.replace, fsync the directory. Call on rank 0 only.
     If anything fails mid-write the temp file is removed and the previous checkpoint is untouched."""
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, CHECKPOINT)
+    path = os.path.join(directory, name)
     tmp = path + ".tmp"                                # one writer (rank 0): a fixed name, never left to grow
     try:
         with open(tmp, "wb") as f:
@@ -164,11 +170,11 @@ def save_checkpoint(directory, state):
     return path
 
 
-def load_checkpoint(directory, map_location="cpu"):
-    """The state last saved in <directory>, or None if there is none. Reads checkpoint.pt only (a
+def load_checkpoint(directory, map_location="cpu", name=CHECKPOINT):
+    """The state last saved in <directory>, or None if there is none. Reads <name> (checkpoint.pt) only (a
     leftover .tmp from a killed save is ignored) with weights_only=True: no code runs from the file.
     Tensors land on map_location; optimizer.load_state_dict moves its state to the parameters' device."""
-    path = os.path.join(directory, CHECKPOINT)
+    path = os.path.join(directory, name)
     if not os.path.exists(path):
         return None
     try:
@@ -318,3 +324,127 @@ def all_reduce_mean(tensor):
     out = tensor.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
+
+
+def micro_batches(rows, batch, rank, world_size, micro_batch_size):
+    """This rank's micro-batches of one global batch (a list of row indices): consecutive slices of
+    micro_batch_size, rank r taking the r-th run of A = len / (micro · world) slices. A short last batch
+    leaves later slices short or empty. rows = range(N) gives the indices themselves."""
+    per_rank = math.ceil(len(batch) / world_size / micro_batch_size) * micro_batch_size
+    mine = batch[rank * per_rank:(rank + 1) * per_rank]
+    return [[rows[i] for i in mine[k:k + micro_batch_size]] for k in range(0, len(mine), micro_batch_size)]
+
+
+def all_reduce_grads(params):
+    """Sum each parameter's gradient over ranks, in place (nothing to do in a single process). The scripts
+    divide each micro-batch's loss by the global batch's count, so the sum is the global gradient; a rank
+    whose share of a short last batch was empty joins with zeros (torch's DDP wrapper averages instead, and
+    needs every rank to run the same number of backward passes)."""
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+# --- the run folder, resume, the end of a stage ------------------------------------------------------
+
+def bare_resume(argv):
+    """A bare `--resume` (last, or followed by another flag) means `--resume true`; returns a new argv."""
+    argv = list(argv)
+    for j, arg in enumerate(argv):
+        if arg == "--resume" and (j + 1 == len(argv) or argv[j + 1].startswith("--")):
+            argv.insert(j + 1, "true")
+    return argv
+
+
+def check_same_config(cls, cfg, saved, run_control=()):
+    """SystemExit unless the config saved at `saved` (a dump_config TOML) equals cfg, apart from the
+    fields in run_control (those that change nothing in the result). No file: nothing to check."""
+    if not os.path.exists(saved):
+        return
+    before = config_to_dict(load_config(cls, ["--config", saved]))
+    now = config_to_dict(cfg)
+    changed = [k for k in now if k not in run_control and now[k] != before.get(k)]
+    if changed:
+        raise SystemExit(f"{saved}: --resume with a different config ({', '.join(changed)} changed); "
+                         f"use the same config or another out_dir")
+
+
+def restore_trainable(ckpt, params, optimizer, where):
+    """Copy a checkpoint's adapter tensors into params ({name: parameter}), load the optimizer state and
+    the RNG streams; returns the step to continue from. SystemExit if the adapter names differ."""
+    if set(ckpt["adapter"]) != set(params):
+        raise SystemExit(f"{where}: its adapter tensors do not match this config's LoRA")
+    with torch.no_grad():
+        for name, t in ckpt["adapter"].items():
+            params[name].copy_(t)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"]
+
+
+def save_adapter_and_merged(model, start, directory, tokenizer_path, dtype=None):
+    """The end of a stage: <directory>/adapter, the model's adapters in PEFT format, and <directory>/merged,
+    a Hugging Face folder holding `start`'s 16/32-bit weights with W + B A · α/r merged in (not the NF4
+    copy; one tensor at a time, stored as `dtype`, default start's), plus tokenizer.model. merged/ is
+    written as merged.partial and renamed into place complete, so its existence means the stage finished.
+    Returns the number of merged weights. Call on the main rank."""
+    from lora import merge_into_checkpoint, save_adapter                  # here: training.py stays light
+    save_adapter(model, os.path.join(directory, "adapter"), base_model_name_or_path=start)
+    merging = os.path.join(directory, "merged.partial")
+    n = merge_into_checkpoint(model, start, merging, dtype=dtype)
+    shutil.copyfile(tokenizer_path, os.path.join(merging, "tokenizer.model"))
+    os.replace(merging, os.path.join(directory, "merged"))
+    return n
+
+
+# --- the embedded default: toy data files and toy exact match ----------------------------------------
+
+def write_jsonl(path, records):
+    """Write records (dicts) as JSON lines to path (gzip if it ends in .gz) atomically: a temp file beside
+    it, fsync, rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with (gzip.open if path.endswith(".gz") else open)(tmp, "wt", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def toy_exact_match(model, tok, n_tasks, seed, max_new_tokens, batch=64):
+    """Fraction of n_tasks held-out toy tasks (toy.heldout_tasks) answered exactly, greedy decoding of the
+    templated prompt until EOS."""
+    from data import toy
+    from model.sampling import generate
+
+    def answer(prompts):
+        out = []
+        for i in range(0, len(prompts), batch):
+            ids = [tok.encode(p) for p in prompts[i:i + batch]]
+            out += [c.text for c in generate(model, ids, max_new_tokens, eos_id=tok.eos_id, tokenizer=tok)]
+        return out
+    return toy.exact_match(answer, toy.heldout_tasks(n_tasks, seed))
+
+
+def record_eval(cfg, key, checkpoint, tok, device):
+    """Score a checkpoint on cfg.eval_toy held-out toy tasks (greedy, cfg.eval_max_new_tokens, cfg.seed's
+    tasks, cfg.dtype), print it and add it under `key` to <cfg.out_dir>/eval_toy.json. Main rank."""
+    from model.loading import load_pretrained
+    model = load_pretrained(checkpoint, dtype=cfg.dtype, device=device)
+    em = toy_exact_match(model, tok, cfg.eval_toy, cfg.seed, cfg.eval_max_new_tokens)
+    path = os.path.join(cfg.out_dir, "eval_toy.json")
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    results[key] = {"exact_match": em, "tasks": cfg.eval_toy, "checkpoint": checkpoint}
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"eval_toy {key}: exact_match={em:.3f} on {cfg.eval_toy} held-out toy tasks ({checkpoint})", flush=True)
+    return em

@@ -1,4 +1,5 @@
-"""chat_api.py: throughput against a local server that answers after 200 ms, and the client's own cost.
+"""chat_api.py: throughput against a local server that answers after 200 ms, and the client's own cost, next
+to the OpenAI Python SDK (the peer: httpx underneath) in the same run.
 
     python bench/bench_chat_api.py [--delay 0.2] [--waves 8]
 
@@ -6,9 +7,11 @@ Throughput: for each concurrency c in 1, 2, 4, 8, 16, send waves·c requests thr
 generate.py and filter.py use. The ideal is c / delay requests per second; efficiency = measured / ideal.
 Overhead: the calling thread's CPU time per request (time.thread_time counts only time spent running, not
 time blocked on the socket) over sequential requests to a server that answers at once, median of 5 runs;
-the wall-clock per request there is reported too (it includes the server's own work).
+the wall-clock per request there is reported too (it includes the server's own work). The peer runs the same
+two measurements with one openai.OpenAI client (max_retries=0) shared by the pool's threads.
 The server is tests/http_fixtures.py's, on 127.0.0.1 in a child process (its own interpreter, as a real server
 would be), so its Python work neither shares this process's GIL nor counts as the client's.
+Also reported: the machine's fp32/bf16 matmul rates (bench/machine.py) and this process's peak RSS.
 Writes bench/out/chat_api.json.
 """
 
@@ -24,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+import openai  # noqa: E402  (bench-only peer, requirements-test.txt)
 
 from chat_api import ChatClient, map_unordered  # noqa: E402
 from tests.http_fixtures import FakeChatServer  # noqa: E402
@@ -47,9 +52,28 @@ def server_process(delay: float):
         child.wait(timeout=10)
 
 
-def throughput(delay: float, concurrency: int, waves: int) -> dict:
+class PeerClient:
+    """The OpenAI SDK behind ChatClient's chat(messages) → text, for the same measurements."""
+
+    def __init__(self, url: str):
+        self.client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=30)
+
+    def chat(self, messages):
+        reply = self.client.chat.completions.create(model="bench", messages=messages, max_tokens=1024,
+                                                    temperature=0.7)
+        return reply.choices[0].message.content
+
+    def close(self):
+        self.client.close()
+
+
+def make_client(kind: str, url: str):
+    return ChatClient(url, "bench", timeout=30) if kind == "bezoar" else PeerClient(url)
+
+
+def throughput(kind: str, delay: float, concurrency: int, waves: int) -> dict:
     with server_process(delay) as url:
-        client = ChatClient(url, "bench", timeout=30)
+        client = make_client(kind, url)
         list(map_unordered(lambda i: client.chat([{"role": "user", "content": "warm"}]), range(concurrency),
                            concurrency))  # open each thread's connection before timing
         n = waves * concurrency
@@ -58,15 +82,15 @@ def throughput(delay: float, concurrency: int, waves: int) -> dict:
                                      concurrency))
         seconds = time.perf_counter() - start
         client.close()
-    assert all(error is None for _, _, error in results)
+    assert all(error is None for _, _, error in results), [e for _, _, e in results if e][:1]
     rate, ideal = n / seconds, concurrency / delay
-    return {"concurrency": concurrency, "requests": n, "seconds": seconds, "req_per_s": rate, "ideal": ideal,
-            "efficiency": rate / ideal}
+    return {"client": kind, "concurrency": concurrency, "requests": n, "seconds": seconds, "req_per_s": rate,
+            "ideal": ideal, "efficiency": rate / ideal}
 
 
-def overhead(requests: int = 300, repeats: int = 5) -> dict:
+def overhead(kind: str, requests: int = 300, repeats: int = 5) -> dict:
     with server_process(0.0) as url:
-        client = ChatClient(url, "bench", timeout=30)
+        client = make_client(kind, url)
         message = [{"role": "user", "content": "How many legs does a spider have?"}]
         for _ in range(20):
             client.chat(message)
@@ -90,23 +114,35 @@ def main(argv=None):
     if args.serve is not None:
         return serve(args.serve)
 
-    rows = [throughput(args.delay, c, args.waves) for c in (1, 2, 4, 8, 16)]
-    print(f"server delay {args.delay * 1e3:.0f} ms, {args.waves} requests per slot")
-    print(f"{'concurrency':>11} {'requests':>8} {'seconds':>8} {'req/s':>7} {'ideal':>7} {'efficiency':>10}")
-    for r in rows:
-        print(f"{r['concurrency']:>11} {r['requests']:>8} {r['seconds']:>8.2f} {r['req_per_s']:>7.2f} "
-              f"{r['ideal']:>7.2f} {r['efficiency']:>10.3f}")
-    cost = overhead()
-    print(f"client overhead: {cost['client_cpu_ms_per_request']:.3f} ms CPU per request "
-          f"(wall {cost['wall_ms_per_request']:.3f} ms per request against a server that answers at once)")
-    scaling, own = min(r["efficiency"] for r in rows), cost["client_cpu_ms_per_request"]
+    from bench.machine import describe, peak_rss_bytes  # here, not at the top: the server children skip torch
+    machine = describe()
+    print(machine)
+    rows = {kind: [throughput(kind, args.delay, c, args.waves) for c in (1, 2, 4, 8, 16)]
+            for kind in ("bezoar", "openai-sdk")}
+    cost = {kind: overhead(kind) for kind in ("bezoar", "openai-sdk")}
+    print(f"server delay {args.delay * 1e3:.0f} ms, {args.waves} requests per slot; peer: openai {openai.__version__}")
+    print(f"{'concurrency':>11} {'requests':>8} {'ideal':>7} {'bezoar req/s':>12} {'efficiency':>10} "
+          f"{'openai req/s':>12} {'efficiency':>10}")
+    for ours, peer in zip(rows["bezoar"], rows["openai-sdk"]):
+        print(f"{ours['concurrency']:>11} {ours['requests']:>8} {ours['ideal']:>7.2f} {ours['req_per_s']:>12.2f} "
+              f"{ours['efficiency']:>10.3f} {peer['req_per_s']:>12.2f} {peer['efficiency']:>10.3f}")
+    for kind, c in cost.items():
+        print(f"client overhead {kind:10s}: {c['client_cpu_ms_per_request']:.3f} ms CPU per request "
+              f"(wall {c['wall_ms_per_request']:.3f} ms per request against a server that answers at once)")
+    ratio = cost["bezoar"]["client_cpu_ms_per_request"] / cost["openai-sdk"]["client_cpu_ms_per_request"]
+    print(f"CPU per request, bezoar / openai SDK: {ratio:.2f}")
+    scaling, own = min(r["efficiency"] for r in rows["bezoar"]), cost["bezoar"]["client_cpu_ms_per_request"]
     print(f"targets (issue 7): efficiency up to 16 ≥ 0.9: {scaling:.3f} {'met' if scaling >= 0.9 else 'NOT met'}; "
           f"client overhead < 1 ms: {own:.3f} ms {'met' if own < 1 else 'NOT met'}")
+    rss = peak_rss_bytes()
+    print(f"peak RSS {rss / 2**20:.0f} MiB")
 
     out = ROOT / "bench" / "out" / "chat_api.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
-                               "delay_s": args.delay, "throughput": rows, **cost}, indent=2) + "\n")
+    out.write_text(json.dumps({"machine": machine, "platform": platform.platform(),
+                               "python": platform.python_version(), "openai": openai.__version__,
+                               "delay_s": args.delay, "throughput": rows, "overhead": cost,
+                               "cpu_ratio_vs_openai_sdk": ratio, "peak_rss_bytes": rss}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

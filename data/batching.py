@@ -12,9 +12,11 @@ DPO batches: tokenize_pair encodes the prompt once and each response separately,
 so both rows start with bit-identical prompt tokens (tokenising "prompt + response" as one string can merge
 pieces across the boundary differently for the two responses, the prompt/response mismatch TRL users meet).
 Labels are -100 on the prompt, the ids on the response with its EOS (the SFT convention of data/sft.py).
-Too long (prompt + longer response > max_len), as TRL does it: first the prompt is cut from the left to
-max_prompt_len tokens, BOS kept ("truncated prompt"); if still too long, both responses are cut on the right
-to max_len − prompt length ("truncated response", once per pair). collate_dpo stacks the B chosen rows and then
+Too long (prompt + longer response > max_len), by data/sft.py's rule with the longer response: the prompt is
+cut from the left, BOS kept, as far as needed but never below min(its length, min_prompt_len) tokens
+("truncated prompt"); if that is not enough, both responses are cut on the right to max_len − prompt length
+("truncated response"); each counted once per pair. (TRL cuts every too-long prompt to a fixed
+max_prompt_length instead, even when fewer cut tokens would do.) collate_dpo stacks the B chosen rows and then
 the B rejected rows into one [2B, T] batch, so one forward pass serves both (the DPO reference's
 `concatenated_forward`): logps[:B] are the chosen, logps[B:] the rejected.
 
@@ -41,22 +43,24 @@ from data.sft import DataStats, keep_tail
 from losses import IGNORE_INDEX
 
 
-def tokenize_pair(tok, prompt, chosen, rejected, max_len, max_prompt_len, stats=None):
+def tokenize_pair(tok, prompt, chosen, rejected, max_len, min_prompt_len, stats=None, where=None):
     """→ {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels": list[int],
     "prompt_len": int}; both rows begin with the same prompt_len prompt tokens and are ≤ max_len long.
-    Pass a DataStats to count truncations (see the module docstring)."""
-    if not 2 <= max_prompt_len < max_len:
-        raise ValueError(f"tokenize_pair: need 2 <= max_prompt_len < max_len, got {max_prompt_len}, {max_len}")
+    Pass a DataStats (and the pair's "file:line") to count truncations (see the module docstring)."""
+    if not 2 <= min_prompt_len < max_len:
+        raise ValueError(f"tokenize_pair: need 2 <= min_prompt_len < max_len, got {min_prompt_len}, {max_len}")
     prompt_ids = tok.encode(prompt, bos=True)                                 # [P], BOS first
     responses = [tok.encode(chosen, bos=False, eos=True), tok.encode(rejected, bos=False, eos=True)]
-    if len(prompt_ids) + max(map(len, responses)) > max_len and len(prompt_ids) > max_prompt_len:
-        prompt_ids = keep_tail(prompt_ids, max_prompt_len)
-        if stats is not None:
-            stats.add("truncated prompt")
     if len(prompt_ids) + max(map(len, responses)) > max_len:
-        responses = [r[:max_len - len(prompt_ids)] for r in responses]
-        if stats is not None:
-            stats.add("truncated response")
+        room = max_len - min(len(prompt_ids), min_prompt_len)                 # for a response
+        if max(map(len, responses)) > room:
+            responses = [r[:room] for r in responses]
+            if stats is not None:
+                stats.add("truncated response", where=where)
+        if len(prompt_ids) + max(map(len, responses)) > max_len:
+            prompt_ids = keep_tail(prompt_ids, max_len - max(map(len, responses)))
+            if stats is not None:
+                stats.add("truncated prompt", where=where)
     row = {"prompt_len": len(prompt_ids)}
     for name, response in zip(("chosen", "rejected"), responses):
         row[f"{name}_input_ids"] = prompt_ids + response
@@ -64,11 +68,12 @@ def tokenize_pair(tok, prompt, chosen, rejected, max_len, max_prompt_len, stats=
     return row
 
 
-def tokenize_pairs(tok, pairs, max_len, max_prompt_len):
+def tokenize_pairs(tok, pairs, max_len, min_prompt_len):
     """tokenize_pair over a list of data.hh.Pair. Returns (rows, DataStats with "tokenized" and truncations)."""
     stats = DataStats("tokenize pairs")
     stats.add("tokenized", len(pairs))
-    rows = [tokenize_pair(tok, p.prompt, p.chosen, p.rejected, max_len, max_prompt_len, stats) for p in pairs]
+    rows = [tokenize_pair(tok, p.prompt, p.chosen, p.rejected, max_len, min_prompt_len, stats, p.id)
+            for p in pairs]
     return rows, stats
 
 

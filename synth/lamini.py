@@ -15,8 +15,10 @@ ROUGE-L on word tokens (Lin 2004), LCS = longest common subsequence of tokens a 
 
 from __future__ import annotations
 
+import math
 import random
 import re
+from collections import Counter, defaultdict
 from pathlib import Path
 
 PROMPTS = Path(__file__).with_name("prompts")
@@ -106,16 +108,40 @@ def remove_near_duplicates(candidates: list[str], shown: list[str], threshold: f
     """Indices of the candidates kept, in order: each is kept when its ROUGE-L F1 with every earlier kept
     candidate and every `shown` seed is < threshold.
 
-    An LCS never exceeds the multiset overlap of the two token lists, so 2·overlap/(|a| + |b|) bounds ROUGE-L
-    from above; the exact LCS runs only for pairs whose bound reaches the threshold (few, for varied text)."""
-    kept_tokens = [(len(t), _multiset(t), t) for t in map(tokens, shown)]
+    Only pairs that can reach the threshold are compared (the prefix filter of all-pairs similarity search,
+    Bayardo et al. 2007). With A, B the token multisets and o = |A ∩ B|, LCS ≤ o, so ROUGE-L ≥ t needs
+    o ≥ t(|A| + |B|)/2; as |B| ≥ o, that gives |B| ≥ t|A|/(2 − t) and so o ≥ t|A|/(2 − t) =: o_A.
+    Sort every multiset's elements in one global order (rarest first): two multisets sharing o elements share
+    one among the first |A| − o + 1 of each. So each text is indexed under its first |A| − ⌈o_A⌉ + 1 elements
+    and compared only with the texts found there: first the bound 2o/(|A| + |B|), then the exact LCS."""
+    if threshold <= 0:
+        raise ValueError(f"dedup threshold must be > 0, got {threshold}")
+    if threshold > 1:  # ROUGE-L ≤ 1: nothing is a near-duplicate
+        return list(range(len(candidates)))
+    texts = [tokens(t) for t in [*shown, *candidates]]
+    bags = [_multiset(t) for t in texts]
+    frequency = Counter(e for bag in bags for e in bag)
+
+    def prefix(i):
+        o = math.ceil(threshold * len(texts[i]) / (2 - threshold) - 1e-9)  # rounding can only lengthen it
+        return sorted(bags[i], key=lambda e: (frequency[e], e))[:max(0, len(texts[i]) - o + 1)]
+
+    index: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i in range(len(shown)):
+        for e in prefix(i):
+            index[e].append(i)
     kept = []
-    for i, text in enumerate(candidates):
-        t = tokens(text)
-        bag = _multiset(t)
-        if any(2 * len(bag & other_bag) >= threshold * (len(t) + n) and rouge_l(t, other) >= threshold
-               for n, other_bag, other in kept_tokens):
-            continue
-        kept.append(i)
-        kept_tokens.append((len(t), bag, t))
+    for i in range(len(shown), len(texts)):
+        a, elements, seen = texts[i], prefix(i), set()
+        for j in (j for e in elements for j in index[e]):
+            if j in seen:
+                continue
+            seen.add(j)
+            b = texts[j]
+            if 2 * len(bags[i] & bags[j]) >= threshold * (len(a) + len(b)) and rouge_l(a, b) >= threshold:
+                break
+        else:
+            kept.append(i - len(shown))
+            for e in elements:
+                index[e].append(i)
     return kept

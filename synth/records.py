@@ -63,27 +63,35 @@ def read_lines(path) -> list[str]:
 
 
 class AppendLog:
-    """with AppendLog(path) as log: log.ids, log.records, log.write(record)"""
+    """with AppendLog(path) as log: log.ids, log.records, log.write(record)
 
-    def __init__(self, path):
+    key: the fields that identify a record, {name: type}; its id is the value of the one field (default: the
+    string "id"), or the tuple of values of several (MT-Bench's judgments: question_id, model, turn)."""
+
+    def __init__(self, path, key: dict | None = None):
         self.path = Path(path)
+        self.key = key or {"id": str}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.torn = _cut_torn_tail(self.path)
-        rows, _ = read_jsonl(self.path, {"id": str}) if self.path.exists() else ([], 0)
+        rows, _ = read_jsonl(self.path, self.key) if self.path.exists() else ([], 0)
         self.records = [record for _, record in rows]
-        self.ids: set[str] = set()
+        self.ids: set = set()
         for number, record in rows:
-            if record["id"] in self.ids:
-                raise ValueError(f"{self.path}:{number}: duplicate id {record['id']!r}")
-            self.ids.add(record["id"])
+            if self.id_of(record) in self.ids:
+                raise ValueError(f"{self.path}:{number}: duplicate id {self.id_of(record)!r}")
+            self.ids.add(self.id_of(record))
         self._file = open(self.path, "a", encoding="utf-8")
 
+    def id_of(self, record: dict):
+        values = tuple(record[name] for name in self.key)
+        return values[0] if len(values) == 1 else values
+
     def write(self, record: dict):
-        assert record["id"] not in self.ids, f"{record['id']} written twice to {self.path}"
+        assert self.id_of(record) not in self.ids, f"{self.id_of(record)} written twice to {self.path}"
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.ids.add(record["id"])
+        self.ids.add(self.id_of(record))
         self.records.append(record)
 
     def close(self):
@@ -118,6 +126,7 @@ def write_jsonl_atomic(path, records):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private (0600); the file it replaces was an ordinary one
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")

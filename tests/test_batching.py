@@ -49,7 +49,7 @@ def test_sft_rows_are_right_padded_with_mask_zero_and_labels_minus_100():
 
 
 def test_dpo_rows_share_the_prompt_tokens_bit_for_bit(tok, pairs):
-    rows, stats = tokenize_pairs(tok, pairs, max_len=4096, max_prompt_len=2048)
+    rows, stats = tokenize_pairs(tok, pairs, max_len=4096, min_prompt_len=2048)
     assert stats["tokenized"] == len(pairs) and stats["truncated prompt"] == stats["truncated response"] == 0
     batch = collate_dpo(rows, tok.pad_id)
     B = len(pairs)
@@ -68,7 +68,7 @@ def test_dpo_rows_share_the_prompt_tokens_bit_for_bit(tok, pairs):
 
 
 def test_dpo_labels_are_minus_100_exactly_on_prompt_and_padding_and_end_with_eos(tok, pairs):
-    rows, _ = tokenize_pairs(tok, pairs, max_len=4096, max_prompt_len=2048)
+    rows, _ = tokenize_pairs(tok, pairs, max_len=4096, min_prompt_len=2048)
     batch = collate_dpo(rows, tok.pad_id)
     B, T = len(rows), batch["input_ids"].shape[1]
     for r in range(2 * B):
@@ -81,7 +81,7 @@ def test_dpo_labels_are_minus_100_exactly_on_prompt_and_padding_and_end_with_eos
         assert labels[n - 1].item() == tok.eos_id and (ids[n:] == tok.pad_id).all()
 
 
-def test_too_long_pairs_cut_the_prompt_to_max_prompt_len_then_the_responses(tok, pairs):
+def test_too_long_pairs_cut_the_prompt_down_to_min_prompt_len_then_the_responses(tok, pairs):
     pair = max(pairs, key=lambda p: len(p.prompt))
     prompt = tok.encode(pair.prompt)
     chosen, rejected = (tok.encode(x, bos=False, eos=True) for x in (pair.chosen, pair.rejected))
@@ -104,7 +104,7 @@ def test_too_long_pairs_cut_the_prompt_to_max_prompt_len_then_the_responses(tok,
     row = tokenize_pair(tok, "Hi", pair.chosen, pair.rejected, len(short) + 5, len(short) + 2, stats)
     assert row["chosen_input_ids"] == short + chosen[:5] and row["rejected_input_ids"] == short + rejected[:5]
     assert (stats["truncated prompt"], stats["truncated response"]) == (2, 2)
-    with pytest.raises(ValueError, match="max_prompt_len < max_len"):
+    with pytest.raises(ValueError, match="min_prompt_len < max_len"):
         tokenize_pair(tok, pair.prompt, pair.chosen, pair.rejected, 64, 64)
 
 

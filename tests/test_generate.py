@@ -118,19 +118,23 @@ def test_rouge_l_is_twice_the_lcs_over_the_total_length():
         assert lamini.lcs_length(list(a), list(b)) == _lcs_by_definition(a, b)
 
 
-def test_near_duplicate_removal_equals_the_all_pairs_rule():
-    """The overlap bound only skips work: the result equals comparing every pair by ROUGE-L."""
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7, 0.85, 1.0])
+def test_near_duplicate_removal_equals_the_all_pairs_rule(threshold):
+    """The prefix index and the overlap bound only skip work: the result equals comparing every pair by
+    ROUGE-L, at every threshold (1.0: exact token copies only)."""
     rng = random.Random(1)
     words = "red green blue cyan pink gold grey teal".split()
-    candidates = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) for _ in range(150)]
+    candidates = [" ".join(rng.choice(words[:rng.randint(2, 8)]) for _ in range(rng.randint(0, 8)))
+                  for _ in range(300)]
     shown = candidates[:5:2]
     kept = []
     for i, text in enumerate(candidates):
         others = shown + [candidates[j] for j in kept]
-        if all(lamini.rouge_l(lamini.tokens(text), lamini.tokens(o)) < 0.7 for o in others):
+        if all(lamini.rouge_l(lamini.tokens(text), lamini.tokens(o)) < threshold for o in others):
             kept.append(i)
-    assert lamini.remove_near_duplicates(candidates, shown, 0.7) == kept
+    assert lamini.remove_near_duplicates(candidates, shown, threshold) == kept
     assert 0 < len(kept) < len(candidates)  # the case exercises both outcomes
+    assert lamini.remove_near_duplicates(candidates, shown, 1.01) == list(range(len(candidates)))
 
 
 # --- Evol-Instruct --------------------------------------------------------------------------------

@@ -1,0 +1,293 @@
+"""One QLoRA SFT step on the CPU: bezoar against transformers + PEFT + bitsandbytes, same machine, same run.
+
+The step (issue 5): a small LLaMA (hidden 512, 8 layers, 8 heads, MLP 1376, vocab 32000), batch 4 × 256,
+NF4 base (blocks of 64, double quantisation) on every layer projection, LoRA r 64, alpha 16, dropout 0.05
+on all of them (PEFT's "all-linear": q, k, v, o, gate, up, down), activation checkpointing, the mean token
+cross-entropy over all positions (labels = input ids), backward, one torch AdamW step. Both sides start
+from the same random dense weights, so they quantise to the same NF4 codes; with B = 0 the first loss is
+the base model's and both sides print it (a check that they compute the same thing). Embeddings, norms and
+lm_head are in the compute dtype on both sides; the peer keeps PEFT's defaults (adapters in fp32).
+
+Each (side, dtype) runs in its own child process, which reports its own peak RSS (bench/machine.py); the
+children alternate ours / peer, fp32 / bf16, for --rounds rounds; times are medians over all timed steps.
+
+Roofline: FLOPs per step are counted from the shapes, matmuls only (elementwise work is not counted):
+  linear K → N, M tokens:   forward 2MKN;  backward 2MKN (∂x only: W is frozen)
+  LoRA r on K → N:          forward 2Mr(K+N);  backward 2 × that (∂x, and ∂A, ∂B)
+  attention, causal:        forward 2 × 2·D·T(T+1)/2 per sequence and layer (QKᵀ, PV; the masked half
+                            is not counted);  backward 2 × forward
+  lm_head D → V:            forward 2·M·D·V (every position);  backward 2·M·D·V (∂h only)
+"model FLOPs" are these, without recomputation (as MFU counts); activation checkpointing recomputes each
+block's forward on top ("with recompute"). % of roofline = model FLOPs / step time / the matmul GFLOP/s
+of the same dtype measured in this run (2048³ matmul, bench/machine.py).
+
+A separate child measures one step of the OpenLLaMA 3B v2 shape (batch 1 × 512, NF4, bf16 compute,
+checkpointing, the recipe's LoRA r 16 on q, k, v): peak RSS, goal ≤ 3.5 GB. Its random weights are made
+and quantised one tensor at a time, so the dense model never exists.
+
+    python bench/bench_sft_step.py [--rounds 2] [--steps 4] [--no-peer] [--no-3b] [--dtypes fp32,bf16]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see bench_nf4.py: busy machine, many operators
+
+import torch  # noqa: E402
+
+from bench.machine import describe, matmul_gflops, peak_rss_bytes, rss_bytes, run_json  # noqa: E402
+from model.config import PRESETS  # noqa: E402
+
+SMALL = replace(PRESETS["openllama-3b-v2"], hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=8, intermediate_size=1376)
+BATCH, SEQ = 4, 256
+R, ALPHA, DROPOUT = 64, 16, 0.05
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GB = 1e9
+
+
+# --- FLOPs -----------------------------------------------------------------------------------------------
+
+def step_flops(c, B, T, r, targets=ALL_LINEAR):
+    """{"model": matmul FLOPs of forward + backward without recomputation, "recompute": the blocks'
+    forward again (activation checkpointing)}, for a batch B × T (see the module docstring)."""
+    M, D, Fw = B * T, c.hidden_size, c.intermediate_size
+    shapes = {"q_proj": (D, D), "k_proj": (D, c.num_key_value_heads * c.head_dim),
+              "v_proj": (D, c.num_key_value_heads * c.head_dim), "o_proj": (D, D),
+              "gate_proj": (D, Fw), "up_proj": (D, Fw), "down_proj": (Fw, D)}
+    base = sum(2 * M * K * N for K, N in shapes.values())                     # per layer, forward
+    lora = sum(2 * M * r * (K + N) for name, (K, N) in shapes.items() if name in targets)
+    attn = 2 * 2 * D * B * T * (T + 1) // 2
+    block_fwd = base + lora + attn
+    block_bwd = base + 2 * lora + 2 * attn
+    head = 2 * M * D * c.vocab_size
+    L = c.num_hidden_layers
+    return {"model": L * (block_fwd + block_bwd) + 2 * head, "recompute": L * block_fwd,
+            "parts": {"linear": 2 * L * base, "lora": 3 * L * lora, "attention": 3 * L * attn, "lm_head": 2 * head}}
+
+
+# --- the same random weights for both sides -------------------------------------------------------------
+
+def random_tensors(config, dtype, seed=0):
+    """(name, tensor) in checkpoint order: N(0, 0.02²) weights, norms at 1; one tensor at a time."""
+    from model.loading import parameter_shapes
+    g = torch.Generator().manual_seed(seed)
+    for name, shape in parameter_shapes(config).items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, dtype=dtype)
+        else:
+            yield name, torch.empty(shape, dtype=torch.float32).normal_(0, 0.02, generator=g).to(dtype)
+
+
+def is_layer_linear(name):
+    return name.startswith("model.layers.") and name.rsplit(".", 2)[-2] in ALL_LINEAR
+
+
+def build_ours(config, dtype, r, targets):
+    """Llama with NF4 layer projections (lora.layers.Linear4bit), the rest in `dtype`, LoRA applied."""
+    import torch.nn as nn
+    from lora import apply_lora
+    from lora.layers import Linear4bit
+    from model.llama import Llama
+    with torch.device("meta"):
+        model = Llama(config)
+    for name, t in random_tensors(config, dtype):
+        owner, _, leaf = name.rpartition(".")
+        if is_layer_linear(name):
+            parent, _, attr = owner.rpartition(".")
+            setattr(model.get_submodule(parent), attr, Linear4bit(t, compute_dtype=dtype))
+        else:
+            setattr(model.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
+        del t
+    torch.manual_seed(0)
+    apply_lora(model, r, ALPHA, DROPOUT, targets=list(targets))
+    model.gradient_checkpointing = True
+    return model.train()
+
+
+def build_peer(config, dtype, r):
+    """transformers LlamaForCausalLM with bitsandbytes Linear4bit projections, PEFT LoRA on all linear."""
+    import bitsandbytes as bnb
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta, max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hf_config)
+    for name, t in random_tensors(config, dtype):
+        owner, _, leaf = name.rpartition(".")
+        if is_layer_linear(name):
+            parent, _, attr = owner.rpartition(".")
+            layer = bnb.nn.Linear4bit(t.shape[1], t.shape[0], bias=False, compute_dtype=dtype, quant_type="nf4",
+                                      compress_statistics=True, device="meta")
+            layer.weight = bnb.nn.Params4bit(t, requires_grad=False, quant_type="nf4", blocksize=64,
+                                             compress_statistics=True)._quantize("cpu")
+            setattr(model.get_submodule(parent), attr, layer)
+        else:
+            setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(t, requires_grad=False))
+    model.model.rotary_emb = type(model.model.rotary_emb)(hf_config)          # its buffers, off the meta device
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=DROPOUT,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    return model.train()
+
+
+def batch(config, B, T, seed=1):
+    ids = torch.randint(3, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+    return ids, ids.clone()                                                    # labels: every position
+
+
+# --- children --------------------------------------------------------------------------------------------
+
+def child_step(side, dtype_name, steps, warmup):
+    """Build one side, run warmup + steps SFT steps; report step times, first loss and peak RSS."""
+    dtype = DTYPES[dtype_name]
+    config = SMALL
+    t0 = time.perf_counter()
+    model = build_ours(config, dtype, R, ALL_LINEAR) if side == "ours" else build_peer(config, dtype, R)
+    build_s = time.perf_counter() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    ids, labels = batch(config, BATCH, SEQ)
+    n_targets = BATCH * (SEQ - 1)
+
+    if side == "ours":
+        from losses import sequence_logps_chunked
+
+        def loss_fn():
+            hidden = model.hidden_states(ids)                                  # [B, T, D]
+            return -sequence_logps_chunked(hidden, model.lm_head.weight, labels).sum() / n_targets
+    else:
+        def loss_fn():
+            return model(input_ids=ids, labels=labels).loss
+
+    rss_built = rss_bytes()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    return {"side": side, "dtype": dtype_name, "times": times, "first_loss": losses[0], "losses": losses,
+            "build_s": build_s, "rss_built": rss_built, "peak_rss": peak_rss_bytes(),
+            "trainable": sum(p.numel() for p in params)}
+
+
+def child_3b():
+    """The OpenLLaMA 3B v2 shape: build in NF4 (bf16 embeddings, norms, lm_head), one SFT step at 1 × 512."""
+    from lora.layers import Linear4bit
+    from losses import sequence_logps_chunked
+    config = PRESETS["openllama-3b-v2"]
+    t0 = time.perf_counter()
+    model = build_ours(config, torch.bfloat16, 16, ("q_proj", "k_proj", "v_proj"))
+    build_s = time.perf_counter() - t0
+    nf4 = sum(m.weight.nbytes for m in model.modules() if isinstance(m, Linear4bit))
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    rss_built, peak_built = rss_bytes(), peak_rss_bytes()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    ids, labels = batch(config, 1, 512)
+    t0 = time.perf_counter()
+    hidden = model.hidden_states(ids)
+    loss = -sequence_logps_chunked(hidden, model.lm_head.weight, labels).sum() / 511
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"build_s": build_s, "model_bytes": nf4 + dense, "nf4_bytes": nf4, "rss_built": rss_built,
+            "peak_built": peak_built, "step_s": time.perf_counter() - t0, "loss": loss.item(),
+            "peak_rss": peak_rss_bytes(), "step_flops": step_flops(config, 1, 512, 16, ("q_proj", "k_proj", "v_proj"))}
+
+
+def child(*args):
+    return run_json([sys.executable, os.path.abspath(__file__), "--child", *map(str, args)])
+
+
+# --- report ----------------------------------------------------------------------------------------------
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of children (ours, peer) per dtype")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per child, after --warmup")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--no-peer", action="store_true", help="ours only")
+    p.add_argument("--no-3b", action="store_true", help="skip the OpenLLaMA 3B v2 shape step")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        what, *rest = args.child
+        result = child_3b() if what == "3b" else child_step(what, rest[0], int(rest[1]), int(rest[2]))
+        print(json.dumps(result))
+        return
+
+    print(describe())
+    print("load average (1, 5, 15 min): %.2f %.2f %.2f" % os.getloadavg(), f"on {os.cpu_count()} CPUs, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    dtypes = args.dtypes.split(",")
+    sides = ["ours"] if args.no_peer else ["ours", "peer"]
+    flops = step_flops(SMALL, BATCH, SEQ, R)
+    tokens = BATCH * SEQ
+    c = SMALL
+    print(f"\nstep: LLaMA D {c.hidden_size}, L {c.num_hidden_layers}, H {c.num_attention_heads}, F "
+          f"{c.intermediate_size}, V {c.vocab_size}; batch {BATCH} x {SEQ} = {tokens} tokens; NF4 base; LoRA r {R} "
+          f"alpha {ALPHA} dropout {DROPOUT} on {', '.join(ALL_LINEAR)}; checkpointing; AdamW")
+    print("FLOPs per step (matmuls, counted from shapes; see the docstring): " + ", ".join(
+        f"{k} {v / 1e9:.1f}" for k, v in flops["parts"].items()) + f" -> model {flops['model'] / 1e9:.1f} GFLOP "
+        f"({flops['model'] / tokens / 1e6:.0f} MFLOP/token); recompute +{flops['recompute'] / 1e9:.1f} GFLOP")
+
+    runs = {(s, d): [] for s in sides for d in dtypes}
+    rates = {d: [] for d in dtypes}
+    for rnd in range(args.rounds):
+        for d in dtypes:
+            rates[d].append(matmul_gflops(DTYPES[d]))
+            for s in sides:
+                r = child(s, d, args.steps, args.warmup)
+                runs[(s, d)].append(r)
+                print(f"  round {rnd + 1} {s:4} {d}: step s " + " ".join(f"{t:.2f}" for t in r["times"])
+                      + f", first loss {r['first_loss']:.4f}, peak RSS {r['peak_rss'] / GB:.2f} GB", flush=True)
+
+    print(f"\n{'dtype':5} {'side':5} {'step s':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'matmul GF/s':>11} {'% roofline':>10} "
+          f"{'peak RSS GB':>11} {'first loss':>10}")
+    summary = {}
+    for d in dtypes:
+        rate = statistics.median(rates[d])
+        for s in sides:
+            times = [t for r in runs[(s, d)] for t in r["times"]]
+            med = statistics.median(times)
+            peak = max(r["peak_rss"] for r in runs[(s, d)])
+            summary[(s, d)] = {"tokens_s": tokens / med, "peak": peak}
+            print(f"{d:5} {s:5} {med:7.2f} {tokens / med:9.0f} {flops['model'] / med / 1e9:8.1f} {rate:11.1f} "
+                  f"{100 * flops['model'] / med / 1e9 / rate:9.1f}% {peak / GB:11.2f} {runs[(s, d)][0]['first_loss']:10.4f}")
+    if not args.no_peer:
+        for d in dtypes:
+            o, q = summary[("ours", d)], summary[("peer", d)]
+            print(f"{d}: ours / peer tokens/s = {o['tokens_s'] / q['tokens_s']:.2f}x, peak RSS ours - peer = "
+                  f"{(o['peak'] - q['peak']) / 2**20:+.0f} MiB")
+
+    if not args.no_3b:
+        r = child("3b")
+        f = r["step_flops"]["model"] + r["step_flops"]["recompute"]
+        print(f"\nOpenLLaMA 3B v2 shape, NF4 + bf16, LoRA r 16 on q, k, v, batch 1 x 512, checkpointing: model "
+              f"{r['model_bytes'] / GB:.2f} GB ({r['nf4_bytes'] / GB:.2f} GB NF4), built in {r['build_s']:.0f} s, RSS "
+              f"{r['rss_built'] / GB:.2f} GB; one step {r['step_s']:.0f} s ({f / r['step_s'] / 1e9:.0f} GFLOP/s with "
+              f"recompute), loss {r['loss']:.3f}, peak RSS {r['peak_rss'] / GB:.2f} GB (goal <= 3.5)")
+    print("load average at the end: %.2f %.2f %.2f" % os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Does the judge's filter help? SFT on filtered versus unfiltered toy-teacher data, scored on held-out toy tasks.
+
+    make base data && python bench/filter_effect.py [--stages 1] [--eval-tasks 500]
+
+Two runs of train_sft.py from runs/base with configs/tiny.toml's settings and its first --stages stages; the
+configs differ only in the stages' data paths (checked here):
+    filtered     runs/data/{lamini,orca,evol}.filtered.jsonl   what `make data` keeps (judge rating ≥ 7)
+    unfiltered   runs/data/{lamini,orca,evol}.jsonl            everything generated, ~25% answered wrong on purpose
+Same steps, batch, learning rate and seed; each stage has more examples than its max_steps use, so both runs
+see the same number of examples. Both are scored on the same --eval-tasks held-out toy tasks (train_sft.py's
+eval_toy, greedy); the standard error of an exact match p over n tasks is √(p(1 − p)/n).
+Each run is a child process (runs/filter-effect/{filtered,unfiltered}, replaced on every bench run) whose
+peak RSS is measured there (bench/machine.py). Writes bench/out/filter_effect.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from bench.machine import describe  # noqa: E402
+from config import config_to_dict, dump_config, load_config  # noqa: E402
+from train_sft import SFTConfig  # noqa: E402
+
+FILES = {"lamini": "lamini", "orca": "orca", "evol_instruct": "evol"}  # stage scheme → make data's file stem
+CHILD = ("import json, runpy, sys; sys.argv = ['train_sft.py', '--config', sys.argv[1]]; "
+         "runpy.run_path('train_sft.py', run_name='__main__'); "
+         "from bench.machine import peak_rss_bytes; print(json.dumps({'peak_rss_bytes': peak_rss_bytes()}))")
+
+
+def configs(stages: int, eval_tasks: int, data: Path, out: Path) -> dict:
+    """{"filtered": SFTConfig, "unfiltered": SFTConfig} from configs/tiny.toml, its first `stages` stages."""
+    tiny = load_config(SFTConfig, ["--config", str(ROOT / "configs" / "tiny.toml")])
+    if not 1 <= stages <= 3 or any(s.scheme not in FILES for s in tiny.stages[:stages]):
+        raise SystemExit(f"--stages must pick among the instruction stages {list(FILES)}, got {stages}")
+    made = {}
+    for kind, suffix in (("filtered", ".filtered.jsonl"), ("unfiltered", ".jsonl")):
+        chosen = [replace(s, data=[str(data / (FILES[s.scheme] + suffix))]) for s in tiny.stages[:stages]]
+        missing = [p for s in chosen for p in s.data if not Path(p).exists()]
+        if missing:
+            raise SystemExit(f"{missing[0]}: not found; run `make data` first")
+        made[kind] = replace(tiny, stages=chosen, out_dir=str(out / kind), eval_toy=eval_tasks, resume=False)
+    a, b = (config_to_dict(c) for c in made.values())
+    for stage_a, stage_b in zip(a["stages"], b["stages"]):
+        stage_a.pop("data"), stage_b.pop("data")
+    a.pop("out_dir"), b.pop("out_dir")
+    assert a == b, "the two configs must differ only in data paths and out_dir"
+    return made
+
+
+def train(cfg: SFTConfig) -> dict:
+    """train_sft.py in a child process; its output streams through; returns wall time, peak RSS, exact match."""
+    shutil.rmtree(cfg.out_dir, ignore_errors=True)
+    os.makedirs(cfg.out_dir)
+    path = os.path.join(cfg.out_dir, "bench_config.toml")
+    dump_config(cfg, path)
+    started, last = time.perf_counter(), ""
+    child = subprocess.Popen([sys.executable, "-u", "-c", CHILD, path], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in child.stdout:
+        print(line, end="", flush=True)
+        last = line
+    if child.wait() != 0:
+        raise SystemExit(f"train_sft.py --config {path}: exit status {child.returncode}")
+    with open(os.path.join(cfg.out_dir, "eval_toy.json")) as f:
+        scores = json.load(f)
+    return {"seconds": time.perf_counter() - started, **json.loads(last),
+            "exact_match": {key: v["exact_match"] for key, v in scores.items()}}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stages", type=int, default=1, help="the first N instruction stages of configs/tiny.toml")
+    p.add_argument("--eval-tasks", type=int, default=500, help="held-out toy tasks scored after each stage")
+    p.add_argument("--data", default="runs/data", help="make data's folder")
+    p.add_argument("--out", default="runs/filter-effect", help="the two runs' folders go here")
+    args = p.parse_args(argv)
+    machine = describe()
+    print(machine, flush=True)
+    base = ROOT / "runs" / "base" / "model.safetensors"
+    if not base.exists():
+        raise SystemExit(f"{base}: not found; run `make base` first")
+    made = configs(args.stages, args.eval_tasks, ROOT / args.data, ROOT / args.out)
+    results = {kind: train(cfg) for kind, cfg in made.items()}
+
+    n, last = args.eval_tasks, made["filtered"].stages[-1].name
+    print(f"\n{machine}")
+    print(f"held-out toy exact match after {' → '.join(s.name for s in made['filtered'].stages)}, {n} tasks:")
+    for kind, r in results.items():
+        em = r["exact_match"][last]
+        print(f"  {kind:10s} {em:.3f} ± {math.sqrt(em * (1 - em) / n):.3f}  (base {r['exact_match']['base']:.3f}; "
+              f"{r['seconds']:.0f}s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB)")
+    f, u = results["filtered"]["exact_match"][last], results["unfiltered"]["exact_match"][last]
+    se = math.sqrt(f * (1 - f) / n + u * (1 - u) / n)
+    print(f"filtered − unfiltered = {f - u:+.3f} (± {se:.3f}, independent-samples standard error): "
+          f"{'filtered wins' if f > u else 'filtered does NOT win'}")
+    out = ROOT / "bench" / "out" / "filter_effect.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "stages": [s.name for s in made["filtered"].stages],
+                               "eval_tasks": n, "runs": results, "difference": f - u, "standard_error": se},
+                              indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Harness scoring: log-likelihood requests as lm-evaluation-harness scores them, computed faster.
+
+A multiple-choice item becomes one request per choice, (context, continuation = " " + choice), and
+
+    ll_i       = Σ_{t ∈ continuation_i} log p(x_t | x_<t)                  summed, not averaged
+    acc        = [argmax_i ll_i = gold]
+    acc_norm   = [argmax_i ll_i / len(choice_i) = gold]                    len in characters, no delimiter
+    mc2        = Σ_{i true} exp(ll_i) / Σ_i exp(ll_i)                       TruthfulQA: mass on true answers
+    stderr     = sqrt(Σ_d (m_d − m̄)² / (n − 1)) / sqrt(n)                  per-item values m_d, n ≥ 2
+    group      = Σ_s n_s m̄_s / Σ_s n_s,  stderr = sqrt(Σ_s (n_s − 1) n_s se_s² / (Σ_s n_s − S) / Σ_s n_s)
+
+exactly as lm_eval/api/task.py (process_results), lm_eval/api/metrics.py (mean_stderr,
+pooled_sample_stderr) and lm_eval/tasks/truthfulqa/utils.py compute them. (The harness's docs say
+acc_norm divides by bytes; its code divides by characters — len(str) — and so does this file; its
+acc_bytes divides by UTF-8 bytes.) argmax ties go to the first choice (np.argmax).
+
+Tokenisation is the harness's TemplateLM._encode_pair for a causal model: trailing whitespace of the
+context moves to the front of the continuation; context + continuation is encoded whole, and the
+continuation's tokens are what follows the context's own encoding. BOS is prepended (OpenLLaMA's advice
+for evaluation; lm-eval does the same with a Llama tokenizer). A request longer than the model's
+max_position_embeddings + 1 loses tokens on the left, as in the harness (counted in the output).
+
+Speed, without changing a score:
+  - requests are sorted by length (longest first, so memory errors come at once and ETAs are upper
+    bounds) and batched, batch_size requests per forward pass; an item's choices share a batch;
+  - an item's shared context runs once: its prefix fills a KV cache (model/llama.py's KVCache), which is
+    copied to one row per choice, and only the choice tokens run after it;
+  - lm_head and log-softmax run only at the positions that predict continuation tokens (the harness
+    computes the vocabulary distribution at every position of every request).
+Scores do not depend on the batch size beyond float rounding (the tests compare 1 and 8).
+"""
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from evals.tasks import FEWSHOT_SEED, Task, build_context, default_data_dir, draw_shots, load_tasks
+from model.sampling import generate, left_pad
+
+
+# --- tokenisation ------------------------------------------------------------------------------------
+
+def encode_pair(tokenizer, context, continuation):
+    """(context ids, continuation ids) the harness's way; see the module docstring."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation)             # [BOS] + pieces
+    context_ids = tokenizer.encode(context)
+    return context_ids, whole[len(context_ids):]
+
+
+# --- log-likelihoods with a shared prefix -------------------------------------------------------------
+
+def _common_prefix(seqs):
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+@torch.no_grad()
+def _score_batch(model, groups):
+    """groups: lists of (context ids, continuation ids) → per request (Σ log p, all tokens greedy).
+
+    Per group: the prefix P = the longest run of input tokens (sequence minus its last token) that
+    every request shares, at most its shortest context. Phase A runs the groups' prefixes (left-padded)
+    into a KV cache; phase B copies each group's cache to its requests' rows and runs their remaining
+    input tokens (right-padded). The logits predicting continuation token t come from input position
+    t − 1: the prefix's last position for the first one when the context is all prefix, else phase B."""
+    device = model.lm_head.weight.device
+    pad = model.config.pad_token_id
+    prefixes, suffixes, owner, plan = [], [], [], []
+    for g, requests in enumerate(groups):
+        seqs = [c + t for c, t in requests]
+        L = min(min(len(c) for c, _ in requests), _common_prefix([s[:-1] for s in seqs]))
+        prefixes.append(seqs[0][:L])
+        for (c, t), s in zip(requests, seqs):
+            plan.append((g, L, len(c), s))
+            suffixes.append(s[L:-1])
+
+    ids, mask = left_pad(prefixes, pad, device)                               # [G, P]
+    G, P = ids.shape
+    cache = model.new_cache(G, P)
+    h_prefix = model.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1]   # [G, D]
+    R, S = len(suffixes), max(len(s) for s in suffixes)
+    rows = [h_prefix]
+    if S:
+        row_group = torch.tensor([g for g, *_ in plan], device=device)        # [R]
+        cache_r = model.new_cache(R, P + S)
+        for layer in range(len(cache.k)):
+            cache_r.k[layer][:, :, :P] = cache.k[layer][row_group]            # [R, Hkv, P, Dh]
+            cache_r.v[layer][:, :, :P] = cache.v[layer][row_group]
+        cache_r.length = P
+        del cache
+        suffix_ids = torch.full((R, S), pad, dtype=torch.long, device=device)    # [R, S] right-padded
+        suffix_mask = torch.zeros((R, S), dtype=torch.long, device=device)
+        for i, s in enumerate(suffixes):
+            suffix_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            suffix_mask[i, :len(s)] = 1
+        full_mask = torch.cat([mask[row_group], suffix_mask], dim=1)          # [R, P + S]
+        h_suffix = model.hidden_states(suffix_ids, attention_mask=full_mask, cache=cache_r)  # [R, S, D]
+        rows.append(h_suffix.reshape(R * S, -1))                              # [R·S, D]
+
+    index, targets, which = [], [], []
+    for i, (g, L, n_ctx, s) in enumerate(plan):
+        for j in range(n_ctx - 1, len(s) - 1):            # input position j predicts token s[j + 1]
+            index.append(g if j == L - 1 else G + i * S + (j - L))
+            targets.append(s[j + 1])
+            which.append(i)
+    hidden = torch.cat(rows)[torch.tensor(index, device=device)]             # [N, D]
+    logp = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)          # [N, V]
+    targets = torch.tensor(targets, device=device)
+    token_logp = logp.gather(1, targets[:, None]).squeeze(1)                 # [N]
+    which = torch.tensor(which, device=device)
+    sums = torch.zeros(R, dtype=torch.float64, device=device).index_add_(0, which, token_logp.double())
+    misses = torch.zeros(R, dtype=torch.long, device=device).index_add_(0, which, (logp.argmax(-1) != targets).long())
+    return list(zip(sums.tolist(), (misses == 0).tolist()))
+
+
+def loglikelihoods(model, groups, batch_size=16, progress=True, desc="loglikelihood", max_length=None):
+    """groups: [[(context ids, continuation ids), …] per item] → [[(Σ log p, greedy), …] per item].
+
+    Both id lists non-empty (the context starts with BOS). Requests longer than max_length (default
+    max_position_embeddings) + 1 are cut on the left, as the harness does; returns (results, number of
+    cut requests)."""
+    limit = max_length or model.config.max_position_embeddings
+    cut = 0
+    fitted = []
+    for requests in groups:
+        out = []
+        for c, t in requests:
+            if not c or not t:
+                raise ValueError("loglikelihoods: empty context or continuation (the context needs at least BOS)")
+            if len(t) > limit:
+                raise ValueError(f"loglikelihoods: a continuation of {len(t)} tokens exceeds the model's {limit}")
+            excess = len(c) + len(t) - (limit + 1)
+            if excess > 0:
+                c, cut = c[excess:], cut + 1
+            out.append((list(c), list(t)))
+        fitted.append(out)
+    # longest first; ties by position, so the order (and every batch) is deterministic
+    order = sorted(range(len(fitted)), key=lambda g: (-max(len(c) + len(t) for c, t in fitted[g]), g))
+    results = [None] * len(fitted)
+    was_training = model.training
+    model.eval()
+    with tqdm(total=sum(len(r) for r in fitted), desc=desc, unit="req", disable=not progress) as bar:
+        i = 0
+        while i < len(order):
+            batch, n = [order[i]], len(fitted[order[i]])
+            i += 1
+            while i < len(order) and n + len(fitted[order[i]]) <= batch_size:
+                batch.append(order[i])
+                n += len(fitted[order[i]])
+                i += 1
+            scores = iter(_score_batch(model, [fitted[g] for g in batch]))
+            for g in batch:
+                results[g] = [next(scores) for _ in fitted[g]]
+            bar.update(n)
+    model.train(was_training)
+    return results, cut
+
+
+def generate_all(model, tokenizer, contexts, until, max_gen_toks, batch_size=16, progress=True, desc="generate"):
+    """Greedy continuations of each context, cut at the first stop string or EOS (the harness's
+    generate_until). Contexts are cut on the left to leave room for max_gen_toks."""
+    keep = model.config.max_position_embeddings - max_gen_toks
+    prompts = [tokenizer.encode(c)[-keep:] for c in contexts]
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    out = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, unit="req", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            done = generate(model, [prompts[i] for i in chunk], max_gen_toks, eos_id=tokenizer.eos_id,
+                            stop_strings=until, tokenizer=tokenizer)
+            for i, completion in zip(chunk, done):
+                out[i] = completion.text
+            bar.update(len(chunk))
+    return out
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+
+def multiple_choice_metrics(lls, choices, gold, metrics=("acc", "acc_norm"), mc2_labels=None):
+    """Per-item metrics from the choices' summed log-likelihoods; see the module docstring."""
+    lls = np.asarray(lls, dtype=np.float64)
+    if mc2_labels is not None:
+        p = np.exp(lls - lls.max())                  # = exp(ll) / Σ exp(ll), without underflow
+        p = p / p.sum()
+        return {"acc": float(p[np.asarray(mc2_labels) == 1].sum())}
+    out = {"acc": float(np.argmax(lls) == gold)}
+    if "acc_norm" in metrics:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["acc_norm"] = float(np.argmax(lls / np.array([float(len(c)) for c in choices])) == gold)
+    return out
+
+
+def mean_stderr(values):
+    """Standard error of the mean with the sample standard deviation (n − 1); "N/A" below 2 items."""
+    n = len(values)
+    if n < 2:
+        return "N/A"
+    mu = sum(values) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
+
+
+def pooled_stderr(stderrs, sizes):
+    """A size-weighted group's standard error from its subtasks' (lm-eval's pooled_sample_stderr)."""
+    var = sum((n - 1) * se ** 2 * n for se, n in zip(stderrs, sizes)) / (sum(sizes) - len(sizes))
+    return math.sqrt(var / sum(sizes))
+
+
+# --- one task -----------------------------------------------------------------------------------------
+
+def run_task(model, tokenizer, task, k, limit=None, batch_size=16, seed=FEWSHOT_SEED, progress=True):
+    """Per-item metric dicts {"acc,none": v, …}, samples, and the count of left-cut requests."""
+    docs = task.docs
+    if limit is not None:
+        docs = docs[:int(math.ceil(len(docs) * limit)) if limit < 1 else int(limit)]
+    contexts = [build_context(task, d, s) for d, s in zip(docs, draw_shots(task, docs, k, seed))]
+    samples, values = [], []
+    if task.output_type == "generate_until":
+        responses = generate_all(model, tokenizer, contexts, task.until, task.max_gen_toks, batch_size,
+                                 progress, desc=task.name)
+        for i, (d, c, r) in enumerate(zip(docs, contexts, responses)):
+            values.append(task.score_generation(d, r))
+            samples.append({"doc_id": i, "target": d.answer, "arguments": [[c, {"until": list(task.until)}]],
+                            "resps": [[r]], **values[-1]})
+        return values, samples, 0
+    pairs = []
+    for d, c in zip(docs, contexts):
+        if task.output_type == "multiple_input":          # one context per option, one shared continuation
+            pairs.append([(ctx, task.target_delimiter + d.answer) for ctx in c])
+        else:
+            pairs.append([(c, task.target_delimiter + choice) for choice in d.choices])
+    encoded = [[encode_pair(tokenizer, c, t) for c, t in item] for item in pairs]
+    scores, cut = loglikelihoods(model, encoded, batch_size, progress, desc=task.name)
+    for i, (d, item, s) in enumerate(zip(docs, pairs, scores)):
+        m = multiple_choice_metrics([ll for ll, _ in s], d.choices, d.gold, task.metrics,
+                                    d.labels if task.mc2 else None)
+        values.append({f"{name},none": v for name, v in m.items()})
+        samples.append({"doc_id": i, "target": d.gold, "arguments": [list(p) for p in item],
+                        "resps": [[ll, greedy] for ll, greedy in s], **values[-1]})
+    return values, samples, cut
+
+
+# --- many tasks, harness JSON layout --------------------------------------------------------------------
+
+def _fewshot_for(task, num_fewshot):
+    if num_fewshot is None:
+        return task.default_fewshot
+    if isinstance(num_fewshot, dict):
+        k = num_fewshot.get(task.name, num_fewshot.get(task.group))
+        return task.default_fewshot if k is None else k
+    return num_fewshot
+
+
+def evaluate(model, tokenizer, task_names, num_fewshot=None, limit=None, batch_size=16, data_dir=None,
+             fewshot_seed=FEWSHOT_SEED, progress=True, log_samples=False, model_path=None):
+    """Score tasks; returns lm-eval's output layout (results → task → "acc,none", "acc_stderr,none", …).
+
+    task_names: names from evals.tasks (e.g. "arc_easy", "mmlu", "toy_mc") or Task objects.
+    num_fewshot: None (each task's default), an int for all, or {task or group name: k}.
+    limit: the first `limit` items of each task (a fraction if < 1). samples under "samples" on request."""
+    start = time.time()
+    data_dir = data_dir or default_data_dir()
+    tasks = [t for name in task_names for t in ([name] if isinstance(name, Task) else load_tasks([name], data_dir))]
+    out = {"results": {}, "groups": {}, "group_subtasks": {}, "configs": {}, "versions": {}, "n-shot": {},
+           "higher_is_better": {}, "n-samples": {}}
+    samples, cut_total = {}, 0
+    for task in tasks:
+        k = _fewshot_for(task, num_fewshot)
+        values, task_samples, cut = run_task(model, tokenizer, task, k, limit, batch_size, fewshot_seed, progress)
+        cut_total += cut
+        entry = {"alias": task.name, "sample_len": len(values)}
+        for key in values[0] if values else []:
+            name, _, filt = key.partition(",")
+            column = [v[key] for v in values]
+            entry[key] = sum(column) / len(column)
+            entry[f"{name}_stderr,{filt}"] = mean_stderr(column)
+        out["results"][task.name] = entry
+        out["configs"][task.name] = {
+            "task": task.name, "source": task.source, "output_type": task.output_type, "num_fewshot": k,
+            "fewshot_split": task.fewshot_split, "fewshot_sampler": task.sampler, "fewshot_seed": fewshot_seed,
+            "description": task.description, "target_delimiter": task.target_delimiter,
+            "fewshot_delimiter": task.fewshot_delimiter, "metric_list": [{"metric": m, "aggregation": "mean",
+                                                                          "higher_is_better": True} for m in task.metrics],
+            **({"generation_kwargs": {"until": list(task.until), "max_gen_toks": task.max_gen_toks,
+                                      "do_sample": False}} if task.output_type == "generate_until" else {}),
+            **({"notes": task.notes} if task.notes else {}),
+            "truncated_requests": cut}
+        out["versions"][task.name] = task.version
+        out["n-shot"][task.name] = k
+        out["higher_is_better"][task.name] = {m: True for m in task.metrics}
+        out["n-samples"][task.name] = {"original": len(task.docs), "effective": len(values)}
+        samples[task.name] = task_samples
+        if task.group:
+            out["group_subtasks"].setdefault(task.group, []).append(task.name)
+    for group, members in out["group_subtasks"].items():
+        entries = [out["results"][m] for m in members]
+        sizes = [e["sample_len"] for e in entries]
+        g = {"alias": group, "sample_len": sum(sizes)}
+        keys = [key for key in entries[0] if "," in key and "_stderr," not in key]
+        for key in keys:
+            name, _, filt = key.partition(",")
+            g[key] = sum(e[key] * n for e, n in zip(entries, sizes)) / sum(sizes)
+            stderrs = [e[f"{name}_stderr,{filt}"] for e in entries]
+            ok = "N/A" not in stderrs and sum(sizes) > len(sizes)
+            g[f"{name}_stderr,{filt}"] = pooled_stderr(stderrs, sizes) if ok else "N/A"
+        out["groups"][group] = g
+        out["results"] = {group: g, **out["results"]}
+        out["versions"][group] = "2"
+    n_params = sum(p.numel() for p in model.parameters())
+    out["config"] = {"model": "bezoar", "model_args": f"pretrained={model_path}" if model_path else None,
+                     "model_path": model_path, "model_num_parameters": n_params,
+                     "model_dtype": str(model.lm_head.weight.dtype), "batch_size": batch_size, "limit": limit,
+                     "num_fewshot": num_fewshot, "add_bos_token": True, "fewshot_seed": fewshot_seed,
+                     "max_length": model.config.max_position_embeddings, "data_dir": str(data_dir),
+                     "device": str(model.lm_head.weight.device), "truncated_requests": cut_total}
+    out["total_evaluation_time_seconds"] = str(time.time() - start)
+    if log_samples:
+        out["samples"] = samples
+    return out
+
+
+def format_table(out, highlight=None):
+    """The printed table (lm-eval's columns). highlight: {task: metric key} marked with '*'."""
+    head = ["Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"]
+    rows = []
+    for task, entry in out["results"].items():
+        first = True
+        for key, value in entry.items():
+            if "," not in key or "_stderr," in key:
+                continue
+            name, _, filt = key.partition(",")
+            se = entry.get(f"{name}_stderr,{filt}", "N/A")
+            mark = "*" if highlight and highlight.get(task) == key else ""
+            rows.append([task if first else "", str(out["versions"].get(task, "")), filt,
+                         str(out["n-shot"].get(task, "")), name + mark, "↑", f"{value:.4f}", "±",
+                         se if isinstance(se, str) else f"{se:.4f}"])
+            first = False
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "|" + "|".join(c.ljust(w) for c, w in zip(r, widths)) + "|"
+    return "\n".join([line(head), "|" + "|".join("-" * w for w in widths) + "|"] + [line(r) for r in rows])
