@@ -20,6 +20,12 @@ Two ways to compute the same numbers:
            functions up to float rounding, gradients included (tests/test_losses.py).
            Peak memory is about four C × V fp32 buffers (≈ C/2 MiB at V = 32000) instead of four
            B × T × V ones; measured at B=4, T=256, V=32000, D=512: 500 MiB plain, 127 MiB chunked (C=256).
+           Frozen lm_head (QLoRA, DPO: only ∂/∂hidden is needed): each chunk's gradient is taken in the
+           forward pass instead, while its logits exist, and kept as [C, D]:
+               ∂ log p(y)/∂h = (onehot(y) − softmax(z)) · W,   z = h Wᵀ
+           so backward is one multiply by the incoming gradient and the logits are never recomputed:
+           two lm_head matmuls per position (forward, ∂h) instead of three. Same numbers up to float
+           rounding (tests/test_losses.py). Without gradients (a reference pass) no ∂h is made.
 
 Shapes: B batch, T tokens, D hidden, V vocab, N response tokens in the batch, C chunk rows.
 """
@@ -92,6 +98,36 @@ def _linear_token_logps(h, lm_head_weight, y):                            # [C, 
     return _token_logps(F.linear(h, lm_head_weight), y)                   # logits [C, V]
 
 
+class _FrozenHeadTokenLogps(torch.autograd.Function):
+    """log p(y) of C positions through a frozen lm_head; ∂/∂h is computed in forward (see the module
+    docstring) and scaled by the incoming gradient in backward.
+
+    One softmax pass gives both: p = softmax(z) in at least fp32, log p(y) = log p[y] (a value below
+    1e-30, where fp32 loses relative precision, is redone exactly as z[y] − logsumexp(z)), and
+    ∂ log p(y)/∂z = onehot(y) − p."""
+
+    @staticmethod
+    def forward(ctx, h, lm_head_weight, y, need_grad):                     # [C, D], [V, D], [C]
+        z = F.linear(h, lm_head_weight)                                    # [C, V] in h's dtype
+        z = z.to(torch.promote_types(z.dtype, torch.float32))              # [C, V] ≥ fp32
+        p = torch.softmax(z, dim=-1)                                       # [C, V]
+        token_p = p.gather(-1, y[:, None]).squeeze(-1)                     # [C]
+        token_logps = token_p.log()                                        # [C]
+        tiny = (token_p < 1e-30).nonzero()[:, 0]                           # rows where p[y] has underflowed
+        if tiny.numel():
+            token_logps[tiny] = z[tiny, y[tiny]] - z[tiny].logsumexp(-1)
+        del z
+        if need_grad:
+            p.scatter_add_(-1, y[:, None], p.new_full((y.shape[0], 1), -1.0))   # p − onehot(y)
+            ctx.save_for_backward(torch.mm(p.to(h.dtype), lm_head_weight).neg_())  # [C, D] ∂ log p(y)/∂h
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad):                                               # [C]
+        (dh,) = ctx.saved_tensors                                          # [C, D]
+        return (dh * grad[:, None]).to(dh.dtype), None, None, None          # [C, D]
+
+
 def _response_token_logps_chunked(hidden, lm_head_weight, labels, chunk_size):
     """log p(target) of every response token, [N] in row-major order, and its batch row [N]."""
     if lm_head_weight.dim() != 2 or hidden.dim() != 3 or hidden.shape[-1] != lm_head_weight.shape[1]:
@@ -106,9 +142,14 @@ def _response_token_logps_chunked(hidden, lm_head_weight, labels, chunk_size):
     h, y = hidden[mask], targets[mask]                                    # [N, D], [N]
     N = y.shape[0]
     # One empty chunk when N = 0, so the (empty) result stays connected to hidden's graph.
-    pieces = [checkpoint(_linear_token_logps, h[i:i + chunk_size], lm_head_weight, y[i:i + chunk_size],
-                         use_reentrant=False)                             # [C]
-              for i in range(0, max(N, 1), chunk_size)]
+    starts = range(0, max(N, 1), chunk_size)
+    if lm_head_weight.requires_grad and torch.is_grad_enabled():          # ∂W too: recompute in backward
+        pieces = [checkpoint(_linear_token_logps, h[i:i + chunk_size], lm_head_weight, y[i:i + chunk_size],
+                             use_reentrant=False) for i in starts]        # [C]
+    else:                                                                  # frozen head: ∂h in forward
+        need_grad = h.requires_grad and torch.is_grad_enabled()
+        pieces = [_FrozenHeadTokenLogps.apply(h[i:i + chunk_size], lm_head_weight.detach(),
+                                              y[i:i + chunk_size], need_grad) for i in starts]  # [C]
     return torch.cat(pieces), rows                                        # [N], [N]
 
 

@@ -4,13 +4,18 @@
      lora.nf4 NF4Tensor.dequantize against bitsandbytes.functional.dequantize_4bit;
   2. forward + backward of a 4-bit LoRA linear, x [4, 256, in], r 64, alpha 16, dropout 0.05, fp32 and bf16
      compute, both MLP shapes: lora.layers LoRALinear(Linear4bit) against bitsandbytes Linear4bit + PEFT LoRA;
+     "ours, W kept" keeps the dequantised W from forward for backward (lora.layers.KEEP_MAX_BYTES raised;
+     by default only small layers do): the memory/speed trade-off of dequantising once instead of twice;
   3. where the time goes: torch.profiler's top operators for one step of each layer;
-  4. peak RSS added by quantising one fp16 8640 × 3200 tensor, each in a fresh subprocess.
+  4. peak RSS added by quantising one fp16 8640 × 3200 tensor, each in a fresh subprocess;
+  5. the whole OpenLLaMA 3B v2 shape in NF4 (bf16 embeddings, norms, lm_head): random bf16 tensors made and
+     quantised one at a time (bench/bench_sft_step.py's builder), resident bytes, time and peak RSS, in a
+     child. Goal: ≤ 2.2 GB. (Quantising while loading a checkpoint from disk: bench/bench_load.py --nf4.)
 The machine line gives fp32 and bf16 matmul GFLOP/s and the load average measured in the same run; OpenMP
 threads wait passively unless OMP_WAIT_POLICY says otherwise (see below).
 Timings interleave ours and theirs, repetition by repetition, and report the median and the best.
 
-    python bench/bench_nf4.py [--reps 7] [--no-profile] [--threads N]
+    python bench/bench_nf4.py [--reps 7] [--no-profile] [--no-3b] [--threads N]
 """
 import argparse
 import json
@@ -72,6 +77,22 @@ def our_lora_layer(W, compute_dtype):
     return LoRALinear(Linear4bit(W, compute_dtype=compute_dtype), R, ALPHA, DROPOUT)
 
 
+class KeptW(torch.nn.Module):
+    """Our layer with the dequantised W kept from forward for backward, whatever its size."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        import lora.layers
+        before, lora.layers.KEEP_MAX_BYTES = lora.layers.KEEP_MAX_BYTES, 1 << 40
+        try:
+            return self.layer(x)
+        finally:
+            lora.layers.KEEP_MAX_BYTES = before
+
+
 def train_step(layer, x, g):
     layer(x).backward(g)
 
@@ -96,22 +117,28 @@ def bench_dequantize(reps):
 def bench_layers(reps, profile):
     print(f"\n2. LoRA linear forward+backward, x {list(TOKENS)} x in, r {R}, alpha {ALPHA}, dropout {DROPOUT}; "
           f"ms: median (best); GFLOP/s counts the two base matmuls (4·M·N·K)")
-    print(f"   {'shape':<12} {'dtype':<9} {'bnb + PEFT':>18} {'ours':>18} {'ours/bnb':>9} {'bnb GF/s':>9} {'ours GF/s':>10}")
+    print(f"   {'shape':<12} {'dtype':<9} {'bnb + PEFT':>18} {'ours':>18} {'ours, W kept':>18} {'ours/bnb':>9} "
+          f"{'kept/bnb':>9} {'bnb GF/s':>9} {'ours GF/s':>10}")
     profiles = []
     for n_out, n_in in ((N_OUT, N_IN), (N_IN, N_OUT)):
         W = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(1)) * 0.02
         for dtype in (torch.float32, torch.bfloat16):
-            layers = {"bnb": bnb_lora_layer(W, dtype), "ours": our_lora_layer(W, dtype)}
+            ours = our_lora_layer(W, dtype)
+            layers = {"bnb": bnb_lora_layer(W, dtype), "ours": ours, "kept": KeptW(ours)}
             g = torch.Generator().manual_seed(2)
             x = torch.randn(*TOKENS, n_in, generator=g).to(dtype).requires_grad_()
             dy = torch.randn(*TOKENS, n_out, generator=g).to(dtype)
             t = interleaved({k: (lambda m=m: train_step(m, x, dy)) for k, m in layers.items()}, reps)
             flops = 4 * x.shape[0] * x.shape[1] * n_in * n_out
-            print(f"   {f'{n_in}->{n_out}':<12} {str(dtype)[6:]:<9} {t['bnb'][0]*1e3:9.1f} ({t['bnb'][1]*1e3:6.1f}) "
-                  f"{t['ours'][0]*1e3:9.1f} ({t['ours'][1]*1e3:6.1f}) {t['ours'][0]/t['bnb'][0]:9.2f} "
+            ms = {k: f"{v[0]*1e3:9.1f} ({v[1]*1e3:6.1f})" for k, v in t.items()}
+            print(f"   {f'{n_in}->{n_out}':<12} {str(dtype)[6:]:<9} {ms['bnb']} {ms['ours']} {ms['kept']} "
+                  f"{t['ours'][0]/t['bnb'][0]:9.2f} {t['kept'][0]/t['bnb'][0]:9.2f} "
                   f"{flops/t['bnb'][0]/1e9:9.1f} {flops/t['ours'][0]/1e9:10.1f}")
             if profile and n_out == N_OUT:
-                profiles += [(f"{k}, {str(dtype)[6:]}", m, x, dy) for k, m in layers.items()]
+                profiles += [(f"{k}, {str(dtype)[6:]}", m, x, dy) for k, m in layers.items() if k != "kept"]
+    W_bytes = N_OUT * N_IN * 2
+    print(f"   W kept costs one dense W per layer between its forward and backward ({W_bytes / 2**20:.0f} MiB in bf16 "
+          f"here, 4x its NF4 size); under activation checkpointing, one block's worth at a time")
     return profiles
 
 
@@ -125,6 +152,28 @@ def print_profiles(profiles):
         total = sum(e.self_cpu_time_total for e in rows)
         top = ", ".join(f"{e.key} {e.self_cpu_time_total/1e3:.0f} ms ({e.count}x)" for e in rows[:6])
         print(f"   {label:<14} total {total/1e3:6.0f} ms: {top}")
+
+
+def child_3b_model():
+    """Subprocess body: the 3B shape in NF4, built tensor by tensor; resident bytes, seconds, peak RSS."""
+    from bench.bench_sft_step import PRESETS, build_nf4_llama
+    from lora.layers import Linear4bit
+    t0 = time.perf_counter()
+    model = build_nf4_llama(PRESETS["openllama-3b-v2"], torch.bfloat16)
+    seconds = time.perf_counter() - t0
+    nf4 = sum(m.weight.nbytes for m in model.modules() if isinstance(m, Linear4bit))
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps({"seconds": seconds, "nf4_bytes": nf4, "dense_bytes": dense, "rss": rss_bytes(),
+                      "peak_rss": peak_rss_bytes()}))
+
+
+def bench_3b_model():
+    r = run_json([sys.executable, os.path.abspath(__file__), "--child", "3b"])
+    total = r["nf4_bytes"] + r["dense_bytes"]
+    print(f"\n5. OpenLLaMA 3B v2 shape in NF4, built from random bf16 tensors one at a time: {total / 1e9:.2f} GB "
+          f"resident model ({r['nf4_bytes'] / 1e9:.2f} GB NF4 projections + {r['dense_bytes'] / 1e9:.2f} GB bf16 "
+          f"embeddings, lm_head, norms; goal <= 2.2 GB), quantised in {r['seconds']:.0f} s, process RSS "
+          f"{r['rss'] / 1e9:.2f} GB, peak {r['peak_rss'] / 1e9:.2f} GB")
 
 
 def child_quantize(which):
@@ -154,8 +203,11 @@ def main():
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions of each measurement")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--child", choices=("ours", "bnb"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-3b", action="store_true", help="skip building the whole 3B shape in NF4")
+    parser.add_argument("--child", choices=("ours", "bnb", "3b"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "3b":
+        return child_3b_model()
     if args.child:
         return child_quantize(args.child)
     if args.threads:
@@ -168,6 +220,8 @@ def main():
     if profiles:
         print_profiles(profiles)
     bench_quantize_rss()
+    if not args.no_3b:
+        bench_3b_model()
     print("load average at the end: %.2f %.2f %.2f" % os.getloadavg())
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from data.template import DEFAULT_SYSTEM, format_prompt
 
 HELDOUT_PERCENT = 20
+PARAGRAPH_SHARE = 0.35
 LETTERS = string.ascii_lowercase
 WORDS = ("cat", "dog", "sun", "hat", "cup", "pen", "box", "red", "map", "egg", "car", "bus", "sky", "tree", "fish",
          "bird", "star", "moon", "rain", "leaf", "book", "door", "milk", "cake", "frog", "ship", "coin", "lamp")
@@ -65,6 +66,8 @@ class Family:
     templates: tuple      # instruction paraphrases with {field} slots
     input_form: tuple     # (instruction without operands, input with {field} slots)
     statements: tuple     # pretraining sentences with {field} slots and {answer}
+    about: tuple          # pretraining sentences that refer back to operands named earlier, {answer} only
+    doing: tuple          # pretraining sentences that name the operation and its operands, no answer
     explain: object       # *operands → explanation lines, without the final answer
     wrongs: object        # *operands → plausible wrong answers
     sibling: str          # the family an in_breadth evolution moves to
@@ -97,6 +100,8 @@ FAMILIES = {
         ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}.", "Work out {a} + {b}."),
         ("Add the two numbers in the input.", "{a} and {b}"),
         ("{a} plus {b} is {answer}.", "The sum of {a} and {b} is {answer}.", "Adding {b} to {a} gives {answer}."),
+        ("Their sum is {answer}.", "Added together they make {answer}."),
+        ("We add {a} and {b}.", "We put {a} and {b} together."),
         lambda a, b: [f"We start at {a} and count up {b} more.", f"{a} plus {b} is {a + b}."],
         lambda a, b: [a + b + 1, a + b - 1, a + b + 2, a + b + 10], "subtract"),
     "subtract": Family(
@@ -104,6 +109,8 @@ FAMILIES = {
         ("What is {a} minus {b}?", "Subtract {b} from {a}.", "Take {b} away from {a}.", "Work out {a} - {b}."),
         ("Subtract the second number in the input from the first.", "{a} and {b}"),
         ("{a} minus {b} is {answer}.", "Taking {b} away from {a} leaves {answer}."),
+        ("The first minus the second is {answer}.", "Taking the second away from the first leaves {answer}."),
+        ("We take {b} away from {a}.", "We subtract {b} from {a}."),
         lambda a, b: [f"We start at {a} and count down {b}.", f"{a} minus {b} is {a - b}."],
         lambda a, b: [a - b + 1, a - b - 1, a + b, a - b + 2], "add"),
     "next_number": Family(
@@ -112,6 +119,8 @@ FAMILIES = {
          "Give the number right after {n}."),
         ("Give the number that comes after the one in the input.", "{n}"),
         ("After {n} comes {answer}.", "{n} is followed by {answer}.", "One more than {n} is {answer}."),
+        ("The number after it is {answer}.", "One more is {answer}."),
+        ("We count one up from {n}.", "We look for the number after {n}."),
         lambda n: [f"Counting up by one from {n} gives {n + 1}."],
         lambda n: [n, n + 2, n + 10], "previous_number"),
     "previous_number": Family(
@@ -120,6 +129,8 @@ FAMILIES = {
          "Give the number right before {n}."),
         ("Give the number that comes before the one in the input.", "{n}"),
         ("Before {n} comes {answer}.", "{answer} comes right before {n}.", "One less than {n} is {answer}."),
+        ("The number before it is {answer}.", "One less is {answer}."),
+        ("We count one down from {n}.", "We look for the number before {n}."),
         lambda n: [f"Counting down by one from {n} gives {n - 1}."],
         lambda n: [n, n - 2, n + 1], "next_number"),
     "larger": Family(
@@ -128,6 +139,8 @@ FAMILIES = {
          "Which number is greater, {a} or {b}?"),
         ("Give the larger of the two numbers in the input.", "{a} and {b}"),
         ("Of {a} and {b}, the larger is {answer}.", "Between {a} and {b}, {answer} is the bigger number."),
+        ("The larger one is {answer}.", "The bigger of the two is {answer}."),
+        ("We compare {a} and {b}.", "We look for the larger of {a} and {b}."),
         lambda a, b: [f"{max(a, b)} is more than {min(a, b)}.", f"So the larger number is {max(a, b)}."],
         lambda a, b: [min(a, b), max(a, b) + 1], "sort_digits"),
     "sort_digits": Family(
@@ -136,6 +149,8 @@ FAMILIES = {
          "Arrange the digits {d} in ascending order."),
         ("Sort the digits in the input from smallest to largest.", "{d}"),
         ("The digits {d} in increasing order are {answer}.", "Sorted, {d} becomes {answer}."),
+        ("In increasing order they are {answer}.", "Sorted, they become {answer}."),
+        ("We sort the digits {d}.", "We put the digits {d} in increasing order."),
         lambda d: [f"The smallest digit is {min(d)} and the largest is {max(d)}.",
                    "From smallest to largest: " + ", then ".join(sorted(d)) + "."],
         lambda d: [_sp(d), _sp(_swap(sorted(d), 0)), _sp(sorted(d, reverse=True))], "larger"),
@@ -144,6 +159,8 @@ FAMILIES = {
         ("Reverse the letters {s}.", "Write {s} backwards.", "Spell {s} in reverse order."),
         ("Reverse the letters in the input.", "{s}"),
         ("{s} backwards is {answer}.", "Reversed, {s} reads {answer}."),
+        ("Backwards they read {answer}.", "In reverse order they are {answer}."),
+        ("We write {s} backwards.", "We reverse the letters {s}."),
         lambda s: [f"From first to last the letters are {_sp(s)}.", f"From last to first they are {_sp(s[::-1])}."],
         lambda s: [_sp(s), _sp(_swap(s[::-1], 0))], "uppercase"),
     "uppercase": Family(
@@ -151,6 +168,8 @@ FAMILIES = {
         ("Write {s} in capital letters.", "Convert {s} to uppercase.", "Make the letters {s} uppercase."),
         ("Write the letters in the input in capital letters.", "{s}"),
         ("{s} in capital letters is {answer}.", "Capitalised, {s} becomes {answer}."),
+        ("In capital letters they are {answer}.", "Capitalised, they become {answer}."),
+        ("We write {s} in capital letters.", "We make the letters {s} uppercase."),
         lambda s: ["Each small letter becomes its capital.", f"So {_sp(s)} becomes {_sp(s.upper())}."],
         lambda s: [_sp(s), _sp(s[:-1].upper() + s[-1]), _sp(s[0] + s[1:].upper())], "reverse"),
     "next_letter": Family(
@@ -158,6 +177,8 @@ FAMILIES = {
         ("Which letter comes after {l}?", "What is the next letter after {l}?", "Name the letter that follows {l}."),
         ("Give the letter that comes after the one in the input.", "{l}"),
         ("After the letter {l} comes {answer}.", "In the alphabet, {l} is followed by {answer}."),
+        ("The letter after it is {answer}.", "Next in the alphabet comes {answer}."),
+        ("We look for the letter after {l}.", "We go one letter on from {l}."),
         lambda l: [f"In the alphabet, {l} is followed by {_shift_letter(l, 1)}."],
         lambda l: [l, LETTERS[(LETTERS.index(l) + 2) % 26], LETTERS[LETTERS.index(l) - 1]], "previous_letter"),
     "previous_letter": Family(
@@ -166,6 +187,8 @@ FAMILIES = {
          "Name the letter that comes right before {l}."),
         ("Give the letter that comes before the one in the input.", "{l}"),
         ("Before the letter {l} comes {answer}.", "In the alphabet, {answer} comes right before {l}."),
+        ("The letter before it is {answer}.", "Just before it in the alphabet comes {answer}."),
+        ("We look for the letter before {l}.", "We go one letter back from {l}."),
         lambda l: [f"In the alphabet, {_shift_letter(l, -1)} comes right before {l}."],
         lambda l: [l, LETTERS[LETTERS.index(l) - 2], LETTERS[(LETTERS.index(l) + 1) % 26]], "next_letter"),
     "count_letters": Family(
@@ -173,6 +196,8 @@ FAMILIES = {
         ("How many letters are in {s}?", "Count the letters in {s}.", "Tell me how many letters {s} has."),
         ("Count the letters in the input.", "{s}"),
         ("{s} has {answer} letters.", "There are {answer} letters in {s}."),
+        ("There are {answer} of them.", "Counted, they come to {answer} letters."),
+        ("We count the letters in {s}.", "We count how many letters {s} has."),
         lambda s: ["Counting them: " + ", ".join(f"{c} is {i}" for i, c in enumerate(s, 1)) + ".",
                    f"So there are {len(s)} letters."],
         lambda s: [len(s) + 1, len(s) - 1], "repeat_word"),
@@ -181,6 +206,8 @@ FAMILIES = {
         ("Repeat the word {w} {n} times.", "Write {w} {n} times.", "Say {w} {n} times, separated by spaces."),
         ("Repeat the word in the input as many times as the number says.", "{w} {n}"),
         ("{w} said {n} times is {answer}.", "Written {n} times, {w} becomes {answer}."),
+        ("The word that many times is {answer}.", "Said that many times, it is {answer}."),
+        ("We say {w} {n} times.", "We write the word {w} {n} times."),
         lambda w, n: [f"The word is {w} and it goes {n} times."],
         lambda w, n: [_sp([w] * (n - 1)), _sp([w] * (n + 1))], "count_letters"),
 }
@@ -479,11 +506,44 @@ def _vocabulary():
     return sorted({w for text in texts for w in re.findall(r"[A-Za-z]{2,}", text)} - set(WORDS))
 
 
+INTROS = {  # pretraining: a paragraph that names its operands first and states facts about them after
+    "ab": ("We have the numbers {a} and {b}.", "Here are two numbers, {a} and {b}."),
+    "n": ("We have the number {n}.", "Here is the number {n}."),
+    "d": ("We have the digits {d}.", "Here are the digits {d}."),
+    "s": ("We have the letters {s}.", "Here are the letters {s}."),
+    "l": ("We have the letter {l}.", "Here is the letter {l}."),
+    "wn": ("We have the word {w} and the number {n}.", "Here are the word {w} and the number {n}."),
+}
+RESULTS = ("The result is {answer}.", "That gives {answer}.", "We get {answer}.")
+
+
+def _operands(rng, family, split):
+    f = FAMILIES[family]
+    while True:
+        operands = f.sample(rng)
+        if split is None or split_of(family, operands) == split:
+            return operands
+
+
+def _paragraph(rng, family, operands):
+    """Facts about operands named at a distance: an intro naming them, then 1-3 sentences about them (a
+    sentence that only refers back, or a statement that repeats them); or a sentence naming the operation,
+    then its result. The answer sits several tokens after the operands, as it does after an instruction."""
+    f = FAMILIES[family]
+    slots = _render(family, operands)
+    if rng.random() < 0.4:
+        return f"{rng.choice(f.doing)} {rng.choice(RESULTS)}".format(**slots)
+    facts = rng.sample(f.about + f.statements, rng.randint(1, 3))
+    return " ".join([rng.choice(INTROS[f.fields])] + facts).format(**slots)
+
+
 def pretraining_text(n, seed, split=None):
-    """n plain-text documents for the base model and the tokenizer: 3-8 statements each ("7 plus 5 is 12.",
-    "c a t backwards is t a c.") with counting and alphabet runs; no questions, instructions or template
-    markers. split None states facts about every instance (the base's world knowledge, as web text would);
-    "train" or "heldout" restricts them to that split."""
+    """n plain-text documents for the base model and the tokenizer: 3-8 units each, a unit being a statement
+    ("7 plus 5 is 12.", "c a t backwards is t a c."), a paragraph about operands named earlier ("We have the
+    letters c a t. Backwards they read t a c."; "We add 7 and 5. The result is 12."), a counting or alphabet
+    run or a spelled word; no questions, instructions or template markers. split None states facts about every
+    instance (the base's world knowledge, as web text would); "train" or "heldout" restricts them to that
+    split."""
     rng = random.Random(f"pretrain-{split}-{seed}")
     vocabulary = _vocabulary()
     docs = []
@@ -502,10 +562,10 @@ def pretraining_text(n, seed, split=None):
                 sentences.append(f"{word} is spelled {_sp(word)}.")
             else:
                 family = rng.choice(sorted(FAMILIES))
-                f = FAMILIES[family]
-                operands = f.sample(rng)
-                while split is not None and split_of(family, operands) != split:
-                    operands = f.sample(rng)
-                sentences.append(rng.choice(f.statements).format(**_render(family, operands)))
+                operands = _operands(rng, family, split)
+                if kind < PARAGRAPH_SHARE + 0.3:
+                    sentences.append(_paragraph(rng, family, operands))
+                else:
+                    sentences.append(rng.choice(FAMILIES[family].statements).format(**_render(family, operands)))
         docs.append(rng.choice((" ", "\n")).join(sentences))
     return docs

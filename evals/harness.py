@@ -21,12 +21,15 @@ for evaluation; lm-eval does the same with a Llama tokenizer). A request longer 
 max_position_embeddings + 1 loses tokens on the left, as in the harness (counted in the output).
 
 Speed, without changing a score:
-  - requests are sorted by length (longest first, so memory errors come at once and ETAs are upper
-    bounds) and batched, batch_size requests per forward pass; an item's choices share a batch;
-  - an item's shared context runs once: its prefix fills a KV cache (model/llama.py's KVCache), which is
-    copied to one row per choice, and only the choice tokens run after it;
+  - an item's shared context runs once (phase A): its prefix fills a KV cache (model/llama.py's
+    KVCache), copied to one row per choice; only the choice tokens run after it (phase B). lm-eval runs
+    context + choice in full for every choice;
+  - items are sorted by prefix length (longest first, so a memory error comes at once and the ETA is an
+    upper bound) and requests by remaining length; each forward pass takes at most batch_size rows of
+    similar length, which keeps padding small;
   - lm_head and log-softmax run only at the positions that predict continuation tokens (the harness
-    computes the vocabulary distribution at every position of every request).
+    computes the vocabulary distribution at every position of every request), in fp32 whatever the
+    model's dtype; sums are accumulated in fp64.
 Scores do not depend on the batch size beyond float rounding (the tests compare 1 and 8).
 """
 import math
@@ -63,71 +66,92 @@ def _common_prefix(seqs):
     return n
 
 
-@torch.no_grad()
-def _score_batch(model, groups):
-    """groups: lists of (context ids, continuation ids) → per request (Σ log p, all tokens greedy).
+def _runs(order, length, rows):
+    """Split `order` (longest first) into runs of at most `rows` items; a run also ends where the next
+    item is shorter than its first by more than max(4 tokens, a quarter), which bounds the padding."""
+    runs = []
+    for i in order:
+        if runs and len(runs[-1]) < rows and length(runs[-1][0]) - length(i) <= max(4, length(runs[-1][0]) // 4):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
-    Per group: the prefix P = the longest run of input tokens (sequence minus its last token) that
-    every request shares, at most its shortest context. Phase A runs the groups' prefixes (left-padded)
-    into a KV cache; phase B copies each group's cache to its requests' rows and runs their remaining
-    input tokens (right-padded). The logits predicting continuation token t come from input position
-    t − 1: the prefix's last position for the first one when the context is all prefix, else phase B."""
+
+def _prefix_length(requests):
+    """P: the input tokens (sequence minus its last token) every request of an item shares, at most the
+    shortest context, so the logits predicting continuation tokens all lie at positions ≥ P − 1."""
+    return min(min(len(c) for c, _ in requests), _common_prefix([(c + t)[:-1] for c, t in requests]))
+
+
+@torch.no_grad()
+def _score_batch(model, groups, rows):
+    """groups: items, each a list of (context ids, continuation ids) → per request (Σ log p, greedy).
+
+    Phase A runs the items' shared prefixes (left-padded, one row each) into a KV cache. Phase B takes
+    the requests in order of remaining length, in runs of similar length (_runs) of ≤ `rows`: copies
+    each one's item cache into its row and runs its remaining input tokens (right-padded). Continuation
+    token t is predicted at input position t − 1: the prefix's last position for the first one when the
+    whole context is prefix, otherwise a phase-B position. Only those positions go through lm_head and the log-softmax."""
     device = model.lm_head.weight.device
     pad = model.config.pad_token_id
-    prefixes, suffixes, owner, plan = [], [], [], []
-    for g, requests in enumerate(groups):
-        seqs = [c + t for c, t in requests]
-        L = min(min(len(c) for c, _ in requests), _common_prefix([s[:-1] for s in seqs]))
-        prefixes.append(seqs[0][:L])
-        for (c, t), s in zip(requests, seqs):
-            plan.append((g, L, len(c), s))
-            suffixes.append(s[L:-1])
-
-    ids, mask = left_pad(prefixes, pad, device)                               # [G, P]
+    lengths = [_prefix_length(requests) for requests in groups]
+    ids, mask = left_pad([requests[0][0][:L] for requests, L in zip(groups, lengths)], pad, device)   # [G, P]
     G, P = ids.shape
-    cache = model.new_cache(G, P)
-    h_prefix = model.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1]   # [G, D]
-    R, S = len(suffixes), max(len(s) for s in suffixes)
-    rows = [h_prefix]
-    if S:
-        row_group = torch.tensor([g for g, *_ in plan], device=device)        # [R]
-        cache_r = model.new_cache(R, P + S)
-        for layer in range(len(cache.k)):
-            cache_r.k[layer][:, :, :P] = cache.k[layer][row_group]            # [R, Hkv, P, Dh]
-            cache_r.v[layer][:, :, :P] = cache.v[layer][row_group]
-        cache_r.length = P
-        del cache
-        suffix_ids = torch.full((R, S), pad, dtype=torch.long, device=device)    # [R, S] right-padded
-        suffix_mask = torch.zeros((R, S), dtype=torch.long, device=device)
-        for i, s in enumerate(suffixes):
-            suffix_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            suffix_mask[i, :len(s)] = 1
-        full_mask = torch.cat([mask[row_group], suffix_mask], dim=1)          # [R, P + S]
-        h_suffix = model.hidden_states(suffix_ids, attention_mask=full_mask, cache=cache_r)  # [R, S, D]
-        rows.append(h_suffix.reshape(R * S, -1))                              # [R·S, D]
+    if P:
+        cache = model.new_cache(G, P)
+        h_prefix = model.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1]     # [G, D]
+    else:   # no shared prefix (requests cut on the left by different amounts): phase B does everything
+        h_prefix = torch.zeros(G, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device)
 
-    index, targets, which = [], [], []
-    for i, (g, L, n_ctx, s) in enumerate(plan):
-        for j in range(n_ctx - 1, len(s) - 1):            # input position j predicts token s[j + 1]
-            index.append(g if j == L - 1 else G + i * S + (j - L))
-            targets.append(s[j + 1])
-            which.append(i)
-    hidden = torch.cat(rows)[torch.tensor(index, device=device)]             # [N, D]
-    logp = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)          # [N, V]
-    targets = torch.tensor(targets, device=device)
-    token_logp = logp.gather(1, targets[:, None]).squeeze(1)                 # [N]
-    which = torch.tensor(which, device=device)
-    sums = torch.zeros(R, dtype=torch.float64, device=device).index_add_(0, which, token_logp.double())
-    misses = torch.zeros(R, dtype=torch.long, device=device).index_add_(0, which, (logp.argmax(-1) != targets).long())
-    return list(zip(sums.tolist(), (misses == 0).tolist()))
+    plan = [(g, L, c, c + t) for g, (requests, L) in enumerate(zip(groups, lengths)) for c, t in requests]
+    suffix_length = lambda i: len(plan[i][3]) - 1 - plan[i][1]
+    scores = [None] * len(plan)
+    for run in _runs(sorted(range(len(plan)), key=lambda i: (-suffix_length(i), i)), suffix_length, rows):
+        chunk = [plan[i] for i in run]
+        suffixes = [s[L:-1] for _, L, _, s in chunk]                               # inputs after the prefix
+        R, S = len(chunk), max(len(x) for x in suffixes)
+        hidden = [h_prefix[[g for g, *_ in chunk]]]                                # [R, D]
+        if S:
+            row_group = torch.tensor([g for g, *_ in chunk], device=device)        # [R]
+            cache_r = model.new_cache(R, P + S)
+            for layer in range(len(cache_r.k) if P else 0):
+                cache_r.k[layer][:, :, :P] = cache.k[layer][row_group]              # [R, Hkv, P, Dh]
+                cache_r.v[layer][:, :, :P] = cache.v[layer][row_group]
+            cache_r.length = P
+            suffix_ids = torch.full((R, S), pad, dtype=torch.long, device=device)  # [R, S] right-padded
+            suffix_mask = torch.zeros((R, S), dtype=torch.long, device=device)
+            for i, x in enumerate(suffixes):
+                suffix_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+                suffix_mask[i, :len(x)] = 1
+            full_mask = torch.cat([mask[row_group], suffix_mask], dim=1)           # [R, P + S]
+            h = model.hidden_states(suffix_ids, attention_mask=full_mask, cache=cache_r)   # [R, S, D]
+            hidden.append(h.reshape(R * S, -1))                                    # [R·S, D]
+        index, targets, which = [], [], []
+        for i, (g, L, c, s) in enumerate(chunk):
+            for j in range(len(c) - 1, len(s) - 1):        # input position j predicts token s[j + 1]
+                index.append(i if j == L - 1 else R + i * S + (j - L))
+                targets.append(s[j + 1])
+                which.append(i)
+        h = torch.cat(hidden)[torch.tensor(index, device=device)]                 # [N, D]
+        logp = torch.log_softmax(model.lm_head(h).float(), dim=-1)                # [N, V]
+        targets = torch.tensor(targets, device=device)
+        which = torch.tensor(which, device=device)
+        token_logp = logp.gather(1, targets[:, None]).squeeze(1)                  # [N]
+        sums = torch.zeros(R, dtype=torch.float64, device=device).index_add_(0, which, token_logp.double())
+        misses = torch.zeros(R, dtype=torch.long, device=device).index_add_(0, which, (logp.argmax(-1) != targets).long())
+        for i, ll, miss in zip(run, sums.tolist(), misses.tolist()):
+            scores[i] = (ll, miss == 0)
+    return scores
 
 
 def loglikelihoods(model, groups, batch_size=16, progress=True, desc="loglikelihood", max_length=None):
     """groups: [[(context ids, continuation ids), …] per item] → [[(Σ log p, greedy), …] per item].
 
-    Both id lists non-empty (the context starts with BOS). Requests longer than max_length (default
-    max_position_embeddings) + 1 are cut on the left, as the harness does; returns (results, number of
-    cut requests)."""
+    Both id lists non-empty (the context starts with BOS). batch_size: the most rows per forward pass
+    (item prefixes in phase A, requests in phase B); runs of similar length (_runs) may be smaller.
+    Requests longer than max_length (default max_position_embeddings) + 1 are cut on the left, as the
+    harness does. Returns (results, number of cut requests)."""
     limit = max_length or model.config.max_position_embeddings
     cut = 0
     fitted = []
@@ -143,24 +167,18 @@ def loglikelihoods(model, groups, batch_size=16, progress=True, desc="loglikelih
                 c, cut = c[excess:], cut + 1
             out.append((list(c), list(t)))
         fitted.append(out)
-    # longest first; ties by position, so the order (and every batch) is deterministic
-    order = sorted(range(len(fitted)), key=lambda g: (-max(len(c) + len(t) for c, t in fitted[g]), g))
+    # longest prefix first; ties by position, so the order (and every batch) is deterministic
+    prefix = [_prefix_length(r) for r in fitted]
+    order = sorted(range(len(fitted)), key=lambda g: (-prefix[g], g))
     results = [None] * len(fitted)
     was_training = model.training
     model.eval()
     with tqdm(total=sum(len(r) for r in fitted), desc=desc, unit="req", disable=not progress) as bar:
-        i = 0
-        while i < len(order):
-            batch, n = [order[i]], len(fitted[order[i]])
-            i += 1
-            while i < len(order) and n + len(fitted[order[i]]) <= batch_size:
-                batch.append(order[i])
-                n += len(fitted[order[i]])
-                i += 1
-            scores = iter(_score_batch(model, [fitted[g] for g in batch]))
+        for batch in _runs(order, prefix.__getitem__, batch_size):
+            scores = iter(_score_batch(model, [fitted[g] for g in batch], batch_size))
             for g in batch:
                 results[g] = [next(scores) for _ in fitted[g]]
-            bar.update(n)
+                bar.update(len(fitted[g]))
     model.train(was_training)
     return results, cut
 
@@ -168,7 +186,7 @@ def loglikelihoods(model, groups, batch_size=16, progress=True, desc="loglikelih
 def generate_all(model, tokenizer, contexts, until, max_gen_toks, batch_size=16, progress=True, desc="generate"):
     """Greedy continuations of each context, cut at the first stop string or EOS (the harness's
     generate_until). Contexts are cut on the left to leave room for max_gen_toks."""
-    keep = model.config.max_position_embeddings - max_gen_toks
+    keep = max(1, model.config.max_position_embeddings - max_gen_toks)
     prompts = [tokenizer.encode(c)[-keep:] for c in contexts]
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     out = [None] * len(prompts)

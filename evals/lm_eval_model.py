@@ -13,8 +13,9 @@ or from Python:
     lm_eval.simple_evaluate(model="bezoar", model_args="pretrained=PATH,dtype=bfloat16", tasks=["arc_easy"])
 
 model_args: pretrained (checkpoint folder), tokenizer (default PATH/tokenizer.model), dtype (float32,
-bfloat16, float16; default: the checkpoint's), device (default cpu), quantize (nf4), adapter (a PEFT
-adapter folder), max_length (default max_position_embeddings), max_gen_toks (256).
+bfloat16, float16; default or auto: the checkpoint's), quantize (nf4), adapter (a PEFT adapter folder),
+max_length (default max_position_embeddings), max_gen_toks (256). lm_eval's --device (cpu, cuda, …) and
+--batch_size (requests per forward pass; "auto" means 16) apply as usual.
 
 The scoring is evals/harness.py's: requests sharing a context are grouped and their context runs once
 (KV-cache reuse), lm_head runs only on continuation positions. lm-eval supplies the token ids
@@ -37,13 +38,18 @@ from model.tokenizer import Tokenizer
 
 @register_model("bezoar")
 class BezoarLM(TemplateLM):
-    def __init__(self, pretrained, tokenizer=None, dtype=None, device="cpu", batch_size=16, max_length=None,
+    def __init__(self, pretrained, tokenizer=None, dtype=None, device=None, batch_size=16, max_length=None,
                  max_gen_toks=256, quantize=None, adapter=None, add_bos_token=True, **unused):
         super().__init__()
         if unused:
             print(f"bezoar: ignoring model_args {sorted(unused)}", file=sys.stderr)
-        self.model = load_pretrained(pretrained, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype,
-                                     device=device, quantize=quantize)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            print(f"bezoar: device {device} is not available (lm_eval's default is cuda:0); using cpu", file=sys.stderr)
+            device = "cpu"
+        self._device = torch.device(device or "cpu")
+        if isinstance(dtype, str):                  # "auto" (lm-eval's spelling) = the checkpoint's own dtype
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        self.model = load_pretrained(pretrained, dtype=dtype, device=self._device, quantize=quantize)
         if adapter:
             from lora.adapters import load_adapter
             load_adapter(self.model, adapter)

@@ -198,10 +198,11 @@ def _mmlu_rows(path):
 
 def mmlu(data_dir, subject):
     root = Path(data_dir) / "mmlu"
-    return Task(f"mmlu_{subject}", "multiple_choice", _mmlu_rows(root / "test" / f"{subject}_test.csv"),
-                _mmlu_rows(root / "dev" / f"{subject}_dev.csv"), "dev (first k)", str(root / "test" / f"{subject}_test.csv"),
+    test, dev = root / "test" / f"{subject}_test.csv", root / "dev" / f"{subject}_dev.csv"
+    topic = subject.replace("_", " ")
+    return Task(f"mmlu_{subject}", "multiple_choice", _mmlu_rows(test), _mmlu_rows(dev), "dev (first k)", str(test),
                 metrics=("acc",), sampler="first_n", group="mmlu",
-                description=f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n")
+                description=f"The following are multiple choice questions (with answers) about {topic}.\n\n")
 
 
 def truthfulqa_primer(data_dir):
@@ -389,7 +390,8 @@ def toy_gen(n=TOY_N, seed=TOY_SEED):
     """Held-out toy tasks answered greedily; exact match by data/toy.py's check."""
     docs = [Doc(toy.task_prompt(t), [], answer=t.answer, item=t) for t in toy.heldout_tasks(n, seed)]
     train = random.Random(f"toy_gen-train-{seed}")
-    pool = [Doc(toy.task_prompt(t), [], answer=t.answer, item=t) for t in (toy.sample_task(train, "train") for _ in range(64))]
+    pool = [toy.sample_task(train, "train") for _ in range(64)]
+    pool = [Doc(toy.task_prompt(t), [], answer=t.answer, item=t) for t in pool]
     return Task("toy_gen", "generate_until", docs, pool, "toy train split", f"data/toy.py heldout_tasks({n}, {seed})",
                 metrics=("exact_match",), target_delimiter="", until=("\n### ", "\n\nHuman:"), max_gen_toks=64,
                 score_generation=lambda doc, response: {"exact_match,none": float(toy.check(doc.item, response))})
@@ -445,7 +447,8 @@ def load_tasks(names, data_dir=None):
         elif name in READERS:
             tasks.append(READERS[name](data_dir))
         else:
-            raise ValueError(f"unknown task {name!r}; expected one of {', '.join(sorted(READERS) + ['mmlu', 'mmlu_<subject>'])}")
+            known = ", ".join(sorted(READERS) + ["mmlu", "mmlu_<subject>"])
+            raise ValueError(f"unknown task {name!r}; expected one of {known}")
     return tasks
 
 

@@ -108,7 +108,8 @@ def dequantize_blockwise_8bit(codes, absmax, block_size: int = NESTED_BLOCK_SIZE
     code = (DYNAMIC_CODE if code is None else code).to(codes.device)
     n = codes.numel()
     nb = absmax.numel()
-    values = torch.nn.functional.pad(code[codes.long()], (0, nb * block_size - n)).view(nb, block_size)
+    values = torch.index_select(code, 0, codes.reshape(-1).int())                   # [n] code[codes]
+    values = torch.nn.functional.pad(values, (0, nb * block_size - n)).view(nb, block_size)
     return (values * absmax[:, None]).view(-1)[:n]
 
 
@@ -197,8 +198,13 @@ def dequantize_blocks_into(out, packed, absmax):
     words = torch.index_select(NF4_BYTE_WORDS.to(packed.device), 0, packed.int().reshape(-1),
                                out=out.view(-1).view(torch.int64) if direct else None)   # [R·C/2] int64
     values = words.view(torch.float32).view(R, absmax.shape[1], -1)                      # [R, C/bs, bs]
-    values.mul_(absmax[..., None])                                                       # level · absmax
-    return out if direct else out.copy_(values.view(R, C))
+    if direct:
+        values.mul_(absmax[..., None])                                                   # level · absmax
+    elif out.is_contiguous():        # other dtypes: the fp32 product is rounded once, as it is stored
+        torch.mul(values, absmax[..., None], out=out.view(values.shape))
+    else:
+        out.copy_(values.mul_(absmax[..., None]).view(R, C))
+    return out
 
 
 def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Tensor:

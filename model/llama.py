@@ -145,6 +145,8 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False   # recompute each block in backward instead of storing it
+        self.checkpoint_blocks = None         # with checkpointing: how many blocks, from the first, are
+                                              # recomputed (None: all); the rest keep their activations
 
     def init_weights(self, seed: int = 0, std: float = 0.02):
         """Random initialisation for models trained from scratch (the tiny demo base): N(0, std²) for
@@ -187,8 +189,9 @@ class Llama(nn.Module):
                 # A padding query with no real key before it would attend to nothing (NaN in softmax);
                 # let it see itself. Its output is never used.
                 mask = mask | (k_pos == q_pos)[None, None]
-        for block in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        n_checkpointed = len(self.model.layers) if self.checkpoint_blocks is None else self.checkpoint_blocks
+        for i, block in enumerate(self.model.layers):
+            if self.gradient_checkpointing and i < n_checkpointed and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache)

@@ -43,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from data import toy
-from synth import evol_instruct, lamini, orca
+from synth import evol_instruct, orca
 from synth.records import AppendLog, write_jsonl_atomic
 
 PROMPTS = Path(__file__).with_name("prompts")
@@ -85,6 +85,8 @@ def _bullets(text: str) -> list[str]:
 # --- the teacher -------------------------------------------------------------------------------------
 
 class Teacher:
+    """teacher(system, messages) → reply text; the module docstring lists what it answers and how."""
+
     def __init__(self, wrong_fraction: float = 0.25, seed: int = 0, wrong_log: str | None = None):
         if not 0 <= wrong_fraction <= 1:
             raise ValueError(f"toy teacher: wrong_fraction must be in [0, 1], got {wrong_fraction}")

@@ -15,7 +15,6 @@ import json
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import lm_eval                                                                   # noqa: E402 (test-only dependency)
@@ -25,21 +24,13 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend  
 
 from evals import harness, tasks as T                                            # noqa: E402
 from model import Tokenizer, load_pretrained, train_tokenizer                    # noqa: E402
+from test_harness import one_thread  # noqa: E402,F401 (autouse: one torch thread in this module too)
 from tiny_checkpoints import tiny_hf_model, write_checkpoint                     # noqa: E402
 
 DATA = T.default_data_dir()
 LM_EVAL_TASKS = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
 SHOTS = {"arc_easy": 2, "mmlu_astronomy": 2, "truthfulqa_mc2": 0, "truthfulqa_mc1": 0, "boolq": 1, "piqa": 2,
          "openbookqa": 2, "hellaswag": 2, "winogrande": 2, "gsm8k": 1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared: two spinning OpenMP threads slow a tiny model twenty-fold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _jsonl(path, rows):
@@ -75,13 +66,13 @@ HELLASWAG = [
     {"activity_label": "Skating", "ctx_a": "A boy laces his skates.", "ctx_b": "he",
      "endings": ["swims.", "cooks.", "glides onto the ice.", "reads."], "label": "2"},
 ]
-WINOGRANDE = [
-    {"sentence": "The cup did not fit in the box because the _ was too big.", "option1": "cup", "option2": "box", "answer": "1"},
-    {"sentence": "The cup did not fit in the box because the _ was too small.", "option1": "cup", "option2": "box", "answer": "2"},
-    {"sentence": "Anna lent Maria a pen because _ had two of them.", "option1": "Anna", "option2": "Maria", "answer": "1"},
-    {"sentence": "Anna lent Maria a pen because _ had lost hers.", "option1": "Anna", "option2": "Maria", "answer": "2"},
-    {"sentence": "The dog chased the cat until _ was tired and lay down.", "option1": "the dog", "option2": "the cat", "answer": "1"},
-]
+WINOGRANDE = [dict(zip(("sentence", "option1", "option2", "answer"), row)) for row in [
+    ("The kite stayed up in the oak because the _ was so tall.", "kite", "oak", "2"),
+    ("The kite stayed up in the oak because the _ was so light.", "kite", "oak", "1"),
+    ("Anna lent Maria a pen because _ had two of them.", "Anna", "Maria", "1"),
+    ("Anna lent Maria a pen because _ had lost hers.", "Anna", "Maria", "2"),
+    ("The dog chased the cat until _ was tired and lay down.", "the dog", "the cat", "1"),
+]]
 
 
 def write_both(root):
@@ -189,24 +180,27 @@ def all_text(folder):
     return out
 
 
+def local_tasks():
+    """A TaskManager without lm-eval's own index (scanning its 13,000 YAML files takes ~20 s): every task
+    here is a config dict or a file under --include_path."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_defaults=False)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import time
-    t0 = time.time()
     root = tmp_path_factory.mktemp("parity")
     cfgs = write_both(root)
     ckpt = root / "ckpt"
     os.makedirs(ckpt)
     train_tokenizer(all_text(root / "ours") + list(T.truthfulqa_primer(root / "ours")[0].splitlines()),
                     ckpt / "tokenizer", 700)
-    print("data+tok", time.time() - t0)
     hf = tiny_hf_model(vocab_size=700, max_position_embeddings=2048)
     write_checkpoint(hf, ckpt)
     hf_tok = SentencePieceBackend(vocab_file=str(ckpt / "tokenizer.model"), unk_token="<unk>", bos_token="<s>",
                                   eos_token="</s>", special_tokens_pattern="bos", legacy=True)
     theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=4, device="cpu"),
-                                     tasks=list(cfgs.values()), log_samples=True)
-    print("theirs", time.time() - t0)
+                                     tasks=list(cfgs.values()), log_samples=True, task_manager=local_tasks())
     model, tok = load_pretrained(str(ckpt)), Tokenizer(ckpt / "tokenizer.model")
     tasks = {t.name: t for t in T.load_tasks(["arc_easy", "mmlu_astronomy", "truthfulqa_mc1", "truthfulqa_mc2",
                                               "boolq", "piqa", "hellaswag", "openbookqa", "winogrande", "gsm8k"],
@@ -214,7 +208,6 @@ def setup(tmp_path_factory):
     tasks["gsm8k"].max_gen_toks = 6
     ours = harness.evaluate(model, tok, list(tasks.values()), num_fewshot=SHOTS, batch_size=3, log_samples=True,
                             progress=False, data_dir=root / "ours")
-    print("ours", time.time() - t0)
     return dict(root=root, cfgs=cfgs, ckpt=ckpt, theirs=theirs, ours=ours, model=model, tok=tok)
 
 
@@ -282,7 +275,7 @@ def test_bezoar_lm_eval_model_class_agrees_with_hf_backend(setup):
     import evals.lm_eval_model  # noqa: F401  (registers "bezoar")
     cfgs = [setup["cfgs"][n] for n in ("arc_easy", "winogrande", "truthfulqa_mc2")]
     out = lm_eval.simple_evaluate(model="bezoar", model_args=f"pretrained={setup['ckpt']}", tasks=cfgs,
-                                  batch_size=5, log_samples=True)
+                                  batch_size=5, log_samples=True, task_manager=local_tasks())
     for name in ("arc_easy", "winogrande", "truthfulqa_mc2"):
         a = sorted(out["samples"][f"p_{name}"], key=lambda s: s["doc_id"])
         b = sorted(setup["theirs"]["samples"][f"p_{name}"], key=lambda s: s["doc_id"])
@@ -293,7 +286,11 @@ def test_bezoar_lm_eval_model_class_agrees_with_hf_backend(setup):
 
 def test_lm_eval_command_line_runs_bezoar_on_a_local_file_task(setup, tmp_path, monkeypatch):
     """`python -m evals.lm_eval_model --model bezoar … --include_path DIR`, called in process."""
+    from lm_eval.tasks import TaskManager
+
     from evals.lm_eval_model import main
+    init = TaskManager.__init__
+    monkeypatch.setattr(TaskManager, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "include_defaults": False}))
     arc = setup["root"] / "hf/arc"
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks/local_arc.yaml").write_text(
@@ -303,10 +300,29 @@ def test_lm_eval_command_line_runs_bezoar_on_a_local_file_task(setup, tmp_path, 
         "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_target: \"{{choices.label.index(answerKey)}}\"\n"
         "doc_to_choice: \"{{choices.text}}\"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
     main(["--model", "bezoar", "--model_args", f"pretrained={setup['ckpt']}", "--tasks", "local_arc",
-          "--include_path", str(tmp_path / "tasks"), "--num_fewshot", "2", "--batch_size", "4",
+          "--include_path", str(tmp_path / "tasks"), "--num_fewshot", "2", "--batch_size", "4", "--device", "cpu",
           "--output_path", str(tmp_path / "out")])
     found = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs if f.endswith(".json")]
     assert found, "lm_eval wrote no results file"
     results = json.load(open(found[0]))["results"]["local_arc"]
     assert results["acc,none"] == setup["theirs"]["results"]["p_arc_easy"]["acc,none"]
     assert results["acc_norm,none"] == setup["theirs"]["results"]["p_arc_easy"]["acc_norm,none"]
+
+
+def test_rolling_loglikelihood_equals_hf_backend_across_windows(setup):
+    """Perplexity requests: disjoint windows of max_length tokens (here 24, so texts span several)."""
+    import transformers
+    from lm_eval.api.instance import Instance
+
+    from evals.lm_eval_model import BezoarLM
+    ckpt = setup["ckpt"]
+    texts = [json.loads(line)["question"]["stem"] for line in open(DATA / "arc/ARC-Easy/ARC-Easy-Dev.jsonl")][:4]
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(ckpt)).eval()
+    hf_tok = SentencePieceBackend(vocab_file=str(ckpt / "tokenizer.model"), unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", special_tokens_pattern="bos", legacy=True)
+    theirs = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=4, device="cpu", max_length=24)
+    ours = BezoarLM(pretrained=str(ckpt), batch_size=4, max_length=24)
+    assert len(setup["tok"].encode(texts[0])) > 2 * 24
+    expect = theirs.loglikelihood_rolling(requests, disable_tqdm=True)
+    assert ours.loglikelihood_rolling(requests, disable_tqdm=True) == pytest.approx(expect, abs=2e-4)

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora.layers
-from lora.layers import Linear4bit, LoRALinear
+from lora.layers import Linear4bit, LoRALinear, dropout_keep_mask
 from lora.nf4 import quantize_nf4
 
 
@@ -103,23 +103,35 @@ def test_a_fresh_adapter_is_the_identity_change_with_peft_initialisation():
 
 
 def test_dropout_applies_to_the_adapter_input_only():
-    """In training, y - base(x) = (m ⊙ x / (1 - p)) Aᵀ Bᵀ · s with the mask m that nn.Dropout draws."""
+    """In training, y - base(x) = (m ⊙ x / (1 - p)) Aᵀ Bᵀ · s with the mask m that dropout_keep_mask draws
+    (p = 0.5 is a multiple of 2⁻¹⁶, so p' = p); forward_reference does the same with nn.Dropout's mask."""
     base = dense(rand(20, 32, scale=0.1))
     layer = with_random_adapter(LoRALinear(base, r=4, alpha=4, dropout=0.5)).train()
     x = rand(6, 32, seed=8)
     torch.manual_seed(123)
     y = layer(x)
     torch.manual_seed(123)
-    x_dropped = F.dropout(x, 0.5, training=True)
+    m, keep = dropout_keep_mask(x.shape, 0.5, x.dtype, x.device)
+    assert keep == 0.5 and set(m.unique().tolist()) == {0.0, 1.0}
+    x_dropped = x * m / keep
     torch.testing.assert_close(y, reference(x_dropped, torch.zeros(20, 32), layer.lora_A.weight,
                                             layer.lora_B.weight, 1.0) + base(x))
+    torch.manual_seed(123)
+    y_ref = layer.forward_reference(x)
+    torch.manual_seed(123)
+    x_dropped = F.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(y_ref, reference(x_dropped, torch.zeros(20, 32), layer.lora_A.weight,
+                                                layer.lora_B.weight, 1.0) + base(x))
     layer.eval()
     torch.testing.assert_close(layer(x), reference(x, base.weight, layer.lora_A.weight, layer.lora_B.weight, 1.0))
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_linear4bit_equals_the_dequantized_weight_in_the_compute_dtype(compute_dtype, monkeypatch):
-    """The CPU tiles (a few rows forward, a few block columns backward) give F.linear's answer."""
+    """The CPU tiles (a few rows forward, a few block columns backward) give F.linear's answer. (This W
+    is small enough to be kept dequantised; KEEP_MAX_BYTES = 0 makes the layer tile it. The kept path is
+    tested against this one in test_fast_paths.py.)"""
+    monkeypatch.setattr(lora.layers, "KEEP_MAX_BYTES", 0)
     W = rand(200, 256, scale=0.05)
     layer = Linear4bit(W, compute_dtype=compute_dtype)
     Wq = quantize_nf4(W).dequantize(compute_dtype)
