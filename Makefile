@@ -39,7 +39,7 @@ runs/base/model.safetensors: | $(STAMP)
 data: $(STAMP)
 	$(RUN) -m synth.pipeline $(DATA_FLAGS)
 
-sft: base $(STAMP)
+sft: base data $(STAMP)
 	$(RUN) train_sft.py --config configs/tiny.toml --resume
 
 dpo: $(STAMP)

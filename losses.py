@@ -25,7 +25,7 @@ Two ways to compute the same numbers:
                ∂ log p(y)/∂h = (onehot(y) − softmax(z)) · W,   z = h Wᵀ
            so backward is one multiply by the incoming gradient and the logits are never recomputed:
            two lm_head matmuls per position (forward, ∂h) instead of three. Same numbers up to float
-           rounding (tests/test_losses.py). Without gradients (a reference pass) no ∂h is made.
+           rounding (tests/test_fast_paths.py). Without gradients (a reference pass) no ∂h is made.
 
 Shapes: B batch, T tokens, D hidden, V vocab, N response tokens in the batch, C chunk rows.
 """

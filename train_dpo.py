@@ -5,9 +5,10 @@
     reference = the same model inside `with disable_adapters(model):`    no second copy of the weights
                 (precompute_ref_logps: its log-probs computed once before training and cached in
                 <out_dir>/ref_logps.pt, so the loop runs the policy only)
-    loop:  B pairs → one [2B, T] forward (chosen rows, then rejected rows) → summed response log-probs
-           → the same batch through the reference under no_grad → dpo_loss → backward → all-reduce → clip
-           → AdamW step → log; held-out evaluation every eval_every steps; atomic checkpoints
+    loop:  B pairs → one forward over chosen and rejected (each pair one row [prompt, chosen, rejected], the
+           prompt computed once: data/dpo.py) → summed response log-probs → the same batch through the
+           reference under no_grad → dpo_loss → backward → all-reduce → clip → AdamW step → log;
+           held-out evaluation every eval_every steps; atomic checkpoints
     save   <out_dir>/adapter   PEFT format
            <out_dir>/merged    Hugging Face format: start's 16/32-bit W + B A · α/r (not the NF4 copy)
 
@@ -16,6 +17,9 @@ Loss. One optimizer step sees a global batch of N = cfg.batch_size pairs (fewer 
 (losses.dpo_loss, eq. 7; cDPO and IPO by label_smoothing / ipo). Each log π(y|x) is a sum over the response
 tokens (losses.sequence_logps_chunked). A micro-batch contributes Σ its pairs' losses / N, so the summed
 gradients are those of the global mean however the batch is split over micro-batches and ranks.
+rpo_alpha = α > 0 adds RPO's term to each pair's loss (Pang et al. 2024): α · (−log πθ(y_w|x) / |y_w|), the
+chosen response's mean token NLL. DPO alone often lowers log πθ(y_w|x) too (only the margin counts); a small
+model then answers worse even as its reward accuracy rises, which the toy default shows (configs/dpo-tiny.toml).
 
 Metrics, per optimizer step (TRL's names), each a mean over the step's pairs:
     rewards/chosen      β (log πθ(y_w|x) − log π_ref(y_w|x))       the implicit reward of the chosen response
@@ -33,6 +37,12 @@ template, tokenised as prompt once + each response, so both rows start with the 
 whose two prompts differ (17 of the 8552 test records), empty or identical responses, and malformed ones are
 skipped and counted; too-long pairs are cut (prompt from the left down to min_prompt_len, then responses),
 counted. The counts are printed at the start.
+
+One forward for both responses. share_prompt = true (default) packs each pair into one row [prompt, chosen,
+rejected] whose rejected tokens do not attend to the chosen ones (data/dpo.py), so the prompt is computed once:
+B(P + Rc + Rr) tokens instead of 2B(P + R). share_prompt = false stacks the B chosen rows and the B rejected rows
+into one [2B, T] batch (the DPO reference code's concatenated_forward). Both give the same log-probs up to float
+rounding (tests/test_dpo_data.py).
 
 Data parallel (torchrun --nproc_per_node=N; gloo on CPU, NCCL on GPU), checkpoints and --resume exactly as in
 train_sft.py: rank r takes its consecutive run of micro-batches of each global batch, gradients are summed
@@ -65,15 +75,18 @@ from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from config import dump_config, load_config
 from data import toy
 from data.batching import LengthGroupedSampler, collate_dpo, tokenize_pairs
+from data.dpo import collate_dpo_packed, packed_attention_mask
 from data.hh import hh_files, hh_pairs
 from losses import dpo_loss, sequence_logps_chunked
 from lora import apply_lora, disable_adapters
 from model import Tokenizer, check_vocab
+from model.llama import rotary_cos_sin
 from model.loading import load_pretrained
 from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, check_same_config,
                       cleanup, is_main, load_checkpoint, lr_at, make_optimizer, micro_batches, peak_memory_gb,
@@ -115,7 +128,11 @@ class DPOConfig:
     beta: float = 0.1                     # β: strength of the KL constraint to the reference
     label_smoothing: float = 0.0          # cDPO's ε (probability that a preference label is flipped); 0 = DPO
     ipo: bool = False                     # IPO's squared loss instead of DPO's sigmoid one
+    rpo_alpha: float = 0.0                # adds α · the chosen response's mean token NLL (RPO, Pang et al. 2024);
+                                          # 0 = DPO alone (the paper)
     precompute_ref_logps: bool = False    # cache the reference log-probs before training (see the docstring)
+    share_prompt: bool = True             # one row per pair, the prompt computed once (data/dpo.py); false:
+                                          # chosen and rejected rows stacked [2B, T]. Same log-probs.
     # Optimisation: not stated by the paper.
     lr: float = 5e-5                      # peak learning rate (LoRA DPO: 5e-6 … 5e-5 is usual)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
@@ -153,6 +170,8 @@ class DPOConfig:
             raise ValueError(f"warmup_ratio is {self.warmup_ratio}, expected 0 ≤ ratio < 1")
         if not self.beta > 0:
             raise ValueError(f"beta is {self.beta}, expected > 0")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha is {self.rpo_alpha}, expected ≥ 0")
         if min(self.toy_records, self.toy_eval_records, self.eval_every, self.save_every, self.eval_toy) < 0:
             raise ValueError("toy_records, toy_eval_records, eval_every, save_every and eval_toy must be ≥ 0")
 
@@ -175,13 +194,48 @@ def pair_tokens(row):
 
 # --- log-probs and metrics -------------------------------------------------------------------------
 
-def concatenated_logps(model, input_ids, labels, chunk_size):
-    """Summed response log-probs of a collate_dpo batch in one forward pass (the DPO reference code's
-    concatenated_forward). input_ids, labels [2B, T], the B chosen rows first → (chosen [B], rejected [B]).
-    Right padding needs no attention mask: causal attention keeps every real token from the pads after it."""
-    hidden = model.hidden_states(input_ids)                                            # [2B, T, D]
-    logps = sequence_logps_chunked(hidden, model.lm_head.weight, labels, chunk_size)   # [2B]
+def collate(rows, pad_id, share_prompt, device):
+    """A micro-batch of tokenize_pair rows on the device: collate_dpo_packed if share_prompt, else collate_dpo."""
+    batch = collate_dpo_packed(rows, pad_id) if share_prompt else collate_dpo(rows, pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def packed_hidden_states(model, batch):
+    """Final hidden states [B, T, D] of a collate_dpo_packed batch: Llama.hidden_states' embedding, blocks
+    and norm, with the packed rows' own positions and attention mask (data/dpo.py)."""
+    x = model.model.embed_tokens(batch["input_ids"])                                   # [B, T, D]
+    cos, sin = rotary_cos_sin(batch["position_ids"], model.config.head_dim, model.config.rope_theta, x.dtype)
+    mask = packed_attention_mask(batch["segments"])                                    # [B, 1, T, T]
+    for block in model.model.layers:
+        if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
+            x = checkpoint(block, x, cos, sin, mask, None, use_reentrant=False)
+        else:
+            x = block(x, cos, sin, mask)
+    return model.model.norm(x)                                                         # [B, T, D]
+
+
+def pair_logps(model, batch, chunk_size):
+    """(chosen [B], rejected [B]) summed response log-probs of the B pairs of a batch, in one forward pass.
+    Packed (collate_dpo_packed): the rows' hidden states are gathered into collate_dpo's layout, [2B, U, D];
+    stacked (collate_dpo): input_ids [2B, T], the B chosen rows first (the DPO reference code's
+    concatenated_forward; right padding needs no mask: causal attention keeps real tokens from the pads)."""
+    if "index" in batch:
+        hidden = packed_hidden_states(model, batch).flatten(0, 1)[batch["index"]]     # [2B, U, D]
+    else:
+        hidden = model.hidden_states(batch["input_ids"])                               # [2B, T, D]
+    logps = sequence_logps_chunked(hidden, model.lm_head.weight, batch["labels"], chunk_size)   # [2B]
     return logps.chunk(2)                                                              # [B], [B]
+
+
+def rpo_term(cfg, policy_chosen_logps, batch):
+    """[B] α · (−log πθ(y_w|x) / |y_w|), RPO's negative log-likelihood of the chosen response per token
+    (Pang et al. 2024, eq. 2, with α = rpo_alpha); zeros when rpo_alpha = 0. DPO alone can lower the chosen
+    responses' likelihood along with the rejected ones'; this term holds it up."""
+    if not cfg.rpo_alpha:
+        return torch.zeros_like(policy_chosen_logps)
+    B = policy_chosen_logps.shape[0]
+    n_chosen = (batch["labels"][:B] != -100).sum(-1)                                   # [B] response tokens
+    return -cfg.rpo_alpha * policy_chosen_logps / n_chosen
 
 
 def pair_sums(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):
@@ -208,9 +262,8 @@ def reference_logps(model, rows, cfg, pad_id, rank, world_size, device, what):
     with disable_adapters(model):
         for k in tqdm(range(0, len(mine), size), desc=f"reference log-probs ({what})", disable=not is_main()):
             idx = mine[k:k + size]
-            b = collate_dpo([rows[j] for j in idx], pad_id)
-            ref = concatenated_logps(model, b["input_ids"].to(device), b["labels"].to(device), cfg.loss_chunk_size)
-            out[idx] = torch.stack(ref, 1).float()                                     # [B, 2]
+            b = collate([rows[j] for j in idx], pad_id, cfg.share_prompt, device)
+            out[idx] = torch.stack(pair_logps(model, b, cfg.loss_chunk_size), 1).float()  # [B, 2]
     return reduce_sums(out)
 
 
@@ -255,15 +308,15 @@ def evaluate(model, rows, ref_cache, cfg, pad_id, rank, world_size, device):
     batches = [list(range(k, min(k + cfg.micro_batch_size, len(rows))))
                for k in range(0, len(rows), cfg.micro_batch_size)]
     for idx in batches[rank::world_size]:
-        b = collate_dpo([rows[j] for j in idx], pad_id)
-        input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)         # [2B, T]
-        policy = concatenated_logps(model, input_ids, labels, cfg.loss_chunk_size)
+        b = collate([rows[j] for j in idx], pad_id, cfg.share_prompt, device)
+        policy = pair_logps(model, b, cfg.loss_chunk_size)
         if ref_cache is not None:
             ref = ref_cache[idx].unbind(1)
         else:
             with disable_adapters(model):
-                ref = concatenated_logps(model, input_ids, labels, cfg.loss_chunk_size)
+                ref = pair_logps(model, b, cfg.loss_chunk_size)
         losses, chosen_rewards, rejected_rewards = dpo_loss(*policy, *ref, cfg.beta, cfg.label_smoothing, cfg.ipo)
+        losses = losses + rpo_term(cfg, policy[0], b)
         sums += pair_sums(losses, chosen_rewards, rejected_rewards, *policy)
     model.train()
     return {f"eval/{name}": v.item() / len(rows) for name, v in zip(METRICS, reduce_sums(sums))}
@@ -378,19 +431,17 @@ def main(argv=None):
             batch = batches[k]                                              # pair indices, global batch
             sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
             for idx in micro_batches(range(len(rows)), batch, rank, world_size, cfg.micro_batch_size):
-                b = collate_dpo([rows[j] for j in idx], tok.pad_id)
-                input_ids, labels = b["input_ids"].to(device), b["labels"].to(device)   # [2B, T]
-                policy_chosen_logps, policy_rejected_logps = concatenated_logps(model, input_ids, labels,
-                                                                                cfg.loss_chunk_size)  # [B]
+                b = collate([rows[j] for j in idx], tok.pad_id, cfg.share_prompt, device)
+                policy_chosen_logps, policy_rejected_logps = pair_logps(model, b, cfg.loss_chunk_size)   # [B]
                 if ref_cache is not None:
                     ref_chosen_logps, ref_rejected_logps = ref_cache[idx].unbind(1)            # [B]
                 else:
                     with torch.no_grad(), disable_adapters(model):                            # π_ref
-                        ref_chosen_logps, ref_rejected_logps = concatenated_logps(model, input_ids, labels,
-                                                                                  cfg.loss_chunk_size)
+                        ref_chosen_logps, ref_rejected_logps = pair_logps(model, b, cfg.loss_chunk_size)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     cfg.beta, cfg.label_smoothing, cfg.ipo)                                   # [B]
+                losses = losses + rpo_term(cfg, policy_chosen_logps, b)                       # 0 unless RPO
                 (losses.sum() / len(batch)).backward()      # this micro-batch's share of the global mean
                 sums += pair_sums(losses, chosen_rewards, rejected_rewards, policy_chosen_logps,
                                   policy_rejected_logps)

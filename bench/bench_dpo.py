@@ -6,10 +6,12 @@ The step (issue 6): the small LLaMA of bench_sft_step.py (hidden 512, 8 layers, 
 pairs, each row 256 tokens (a 128-token prompt, then a 128-token response, EOS last): chosen and rejected
 rows go through one [8, 256] forward, the reference is the same model with its adapters disabled, the loss
 is DPO's sigmoid loss with beta 0.1, then backward, clip at 1.0 and the optimizer step.
-    ours         train_dpo.py's loop body: concatenated_logps, the reference pass under no_grad with
-                 disable_adapters, losses.dpo_loss, backward, clip, training.make_optimizer's AdamW
-    ours cached  the same with the reference log-probs computed once before the timed steps
+    ours         train_dpo.py's loop body: each pair one row [prompt, chosen, rejected] (share_prompt, the
+                 default: data/dpo.py), pair_logps, the reference pass under no_grad with disable_adapters,
+                 losses.dpo_loss, backward, clip, training.make_optimizer's AdamW
+    cached       the same with the reference log-probs computed once before the timed steps
                  (precompute_ref_logps: the policy only)
+    stacked      ours with share_prompt = false: chosen and rejected rows stacked [8, 256] (as TRL does)
     TRL          trl.DPOTrainer (pinned in requirements-test.txt) on transformers' LlamaForCausalLM with
                  bitsandbytes Linear4bit layers (its CPU path), a fresh PEFT LoRA from peft_config, reference =
                  adapters disabled (what TRL does for a PEFT model without ref_model), disable_dropout=False so
@@ -23,7 +25,8 @@ policy equals the reference while B = 0) and their logps/chosen.
 Each (side, dtype) runs in its own child process, which reports its own peak RSS (bench/machine.py); the
 children alternate sides for --rounds rounds; times are medians over all timed steps.
 
-    python bench/bench_dpo.py [--rounds 1] [--steps 3] [--warmup 1] [--dtypes fp32,bf16] [--sides ours,cached,trl]
+    python bench/bench_dpo.py [--rounds 1] [--steps 3] [--warmup 1] [--dtypes fp32,bf16]
+                              [--sides ours,cached,stacked,trl]
 """
 import argparse
 import json
@@ -65,31 +68,29 @@ def pair_rows(vocab_size, seed=1):
 
 # --- ours ----------------------------------------------------------------------------------------------
 
-def child_ours(dtype_name, steps, warmup, cached):
-    from data.batching import collate_dpo
+def child_ours(dtype_name, steps, warmup, cached, share_prompt):
     from lora import disable_adapters
     from losses import dpo_loss
-    from train_dpo import concatenated_logps
+    from train_dpo import collate, pair_logps
     from training import make_optimizer
     model = build_ours(SMALL, DTYPES[dtype_name], R, ALL_LINEAR)          # NF4 + LoRA, checkpointing, train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, LR, 0.0, (0.9, 0.999), "cpu")
-    b = collate_dpo(pair_rows(SMALL.vocab_size), pad_id=0)
-    input_ids, labels = b["input_ids"], b["labels"]                          # [2B, T]
+    b = collate(pair_rows(SMALL.vocab_size), 0, share_prompt, "cpu")
     chunk = 1024
     cache = None
     if cached:                                                               # precompute_ref_logps
         with torch.no_grad(), disable_adapters(model):
-            cache = concatenated_logps(model, input_ids, labels, chunk)
+            cache = pair_logps(model, b, chunk)
     times, cpu_times, first = [], [], None
     for i in range(warmup + steps):
         t, c = time.perf_counter(), time.process_time()
-        policy_chosen_logps, policy_rejected_logps = concatenated_logps(model, input_ids, labels, chunk)
+        policy_chosen_logps, policy_rejected_logps = pair_logps(model, b, chunk)
         if cache is not None:
             ref_chosen_logps, ref_rejected_logps = cache
         else:
             with torch.no_grad(), disable_adapters(model):
-                ref_chosen_logps, ref_rejected_logps = concatenated_logps(model, input_ids, labels, chunk)
+                ref_chosen_logps, ref_rejected_logps = pair_logps(model, b, chunk)
         losses, _, _ = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                                 BETA)
         losses.mean().backward()
@@ -174,13 +175,13 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed steps per child, after --warmup")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--sides", default="ours,cached,trl")
+    p.add_argument("--sides", default="ours,cached,stacked,trl")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         side, dtype_name, steps, warmup = args.child[0], args.child[1], int(args.child[2]), int(args.child[3])
         result = (child_trl(dtype_name, steps, warmup) if side == "trl"
-                  else child_ours(dtype_name, steps, warmup, cached=side == "cached"))
+                  else child_ours(dtype_name, steps, warmup, cached=side == "cached", share_prompt=side != "stacked"))
         print(json.dumps(result))
         return
 
@@ -221,7 +222,7 @@ def main():
             print(f"{d:5} {s:7} {med:7.2f} {PAIRS / med:8.2f} {cpu:7.2f} {PAIRS / cpu:11.2f} {peak / GB:11.2f} {rate:14.1f}")
     for d in dtypes:
         o = summary.get(("ours", d))
-        for other in ("trl", "cached"):
+        for other in ("trl", "stacked", "cached"):
             q = summary.get((other, d))
             if o and q:
                 print(f"{d}: ours / {other}: pairs/s {o['pairs_s'] / q['pairs_s']:.2f}x, pairs per CPU-second "

@@ -1,6 +1,6 @@
 """Does the judge's filter help? SFT on filtered versus unfiltered toy-teacher data, scored on held-out toy tasks.
 
-    make base data && python bench/filter_effect.py [--stages 1] [--eval-tasks 500]
+    make base data && python bench/filter_effect.py [--stages 3] [--eval-tasks 500]
 
 Two runs of train_sft.py from runs/base with configs/tiny.toml's settings and its first --stages stages; the
 configs differ only in the stages' data paths (checked here):
@@ -85,9 +85,24 @@ def finish(kind: str, cfg: SFTConfig, child: subprocess.Popen, started: float) -
             "exact_match": {key: v["exact_match"] for key, v in scores.items()}}
 
 
+def summarise(results: dict, names: list, n: int) -> tuple:
+    """Print each run's exact match after every stage; return the last stage's (filtered, unfiltered, SE)."""
+    print(f"held-out toy exact match, {n} tasks (± standard error √(p(1 − p)/n)):")
+    print(f"  {'':10s} " + " ".join(f"{name:>15s}" for name in ["base", *names]) + "   seconds  peak RSS")
+    for kind, r in results.items():
+        ems = [r["exact_match"][name] for name in ["base", *names]]
+        print(f"  {kind:10s} " + " ".join(f"{em:7.3f} ± {math.sqrt(em * (1 - em) / n):.3f}" for em in ems) +
+              f"  {r['seconds']:8.0f}  {r['peak_rss_bytes'] / 2**20:4.0f} MiB")
+    f, u = (results[kind]["exact_match"][names[-1]] for kind in ("filtered", "unfiltered"))
+    se = math.sqrt(f * (1 - f) / n + u * (1 - u) / n)
+    print(f"after {names[-1]}: filtered − unfiltered = {f - u:+.3f} (± {se:.3f}, independent samples): "
+          f"{'filtered wins' if f > u else 'filtered does NOT win'}")
+    return f, u, se
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stages", type=int, default=1, help="the first N instruction stages of configs/tiny.toml")
+    p.add_argument("--stages", type=int, default=3, help="the first N instruction stages of configs/tiny.toml")
     p.add_argument("--eval-tasks", type=int, default=500, help="held-out toy tasks scored after each stage")
     p.add_argument("--data", default="runs/data", help="make data's folder")
     p.add_argument("--out", default="runs/filter-effect", help="the two runs' folders go here")
@@ -107,20 +122,12 @@ def main(argv=None):
         futures = {kind: pool.submit(finish, kind, made[kind], child, started) for kind, child in children.items()}
         results = {kind: future.result() for kind, future in futures.items()}
 
-    n, last = args.eval_tasks, made["filtered"].stages[-1].name
+    n, names = args.eval_tasks, [s.name for s in made["filtered"].stages]
     print(f"\n{machine}")
-    print(f"held-out toy exact match after {' → '.join(s.name for s in made['filtered'].stages)}, {n} tasks:")
-    for kind, r in results.items():
-        em = r["exact_match"][last]
-        print(f"  {kind:10s} {em:.3f} ± {math.sqrt(em * (1 - em) / n):.3f}  (base {r['exact_match']['base']:.3f}; "
-              f"{r['seconds']:.0f}s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB)")
-    f, u = results["filtered"]["exact_match"][last], results["unfiltered"]["exact_match"][last]
-    se = math.sqrt(f * (1 - f) / n + u * (1 - u) / n)
-    print(f"filtered − unfiltered = {f - u:+.3f} (± {se:.3f}, independent-samples standard error): "
-          f"{'filtered wins' if f > u else 'filtered does NOT win'}")
+    f, u, se = summarise(results, names, n)
     out = ROOT / "bench" / "out" / "filter_effect.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "stages": [s.name for s in made["filtered"].stages],
+    out.write_text(json.dumps({"machine": machine, "stages": names,
                                "eval_tasks": n, "runs": results, "difference": f - u, "standard_error": se},
                               indent=2) + "\n")
     print(f"wrote {out}")

@@ -18,7 +18,7 @@ max_length (default max_position_embeddings), max_gen_toks (256). lm_eval's --de
 --batch_size (requests per forward pass; "auto" means 16) apply as usual.
 
 The scoring is evals/harness.py's: requests sharing a context are grouped and their context runs once
-(KV-cache reuse), lm_head runs only on continuation positions. lm-eval supplies the token ids
+(one packed row per group), lm_head runs only on continuation positions. lm-eval supplies the token ids
 (TemplateLM._encode_pair calls our tok_encode, BOS prepended) and aggregates the metrics itself.
 lm-eval is a test-only dependency of bezoar (requirements-test.txt); this module needs it installed.
 """

@@ -427,11 +427,6 @@ PRESETS = {
 }
 
 
-def task_names(data_dir=None):
-    """Every name load_tasks accepts."""
-    return sorted(READERS) + ["mmlu"] + [f"mmlu_{s}" for s in mmlu_subjects(data_dir or default_data_dir())]
-
-
 def load_tasks(names, data_dir=None):
     """Task objects for names; "mmlu" expands to its 57 subjects (group "mmlu")."""
     data_dir = Path(data_dir or default_data_dir())

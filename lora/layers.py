@@ -30,11 +30,11 @@ The fast path (LoRALinear.forward, when x is already in the compute dtype): base
 autograd node, LoRAFunction, with its gradients written out (α = scaling / (1 − p), m the keep mask):
     forward    h = (x ⊙ m) Aᵀ                    y = x Wᵀ + α h Bᵀ            (one addmm in place)
     backward   ∂B = α ∂yᵀ h      ∂h = ∂y B      ∂A = α ∂hᵀ (x ⊙ m)      ∂x = ∂y W + α (∂h A) ⊙ m
-It keeps x, m and h (nn.Dropout + two F.linear would keep x ⊙ m, the mask and h, and cast A and B's
+It keeps x, m (uint8) and h (nn.Dropout + two F.linear would keep x ⊙ m, the mask and h, and cast A and B's
 gradients twice), and draws the dropout mask from 16-bit uniforms, four per 64-bit draw of torch's
 generator (dropout_keep_mask): about six times cheaper than torch's bernoulli_ here. The readable
 composition, y = base(x) + F.linear(F.linear(dropout(x), A), B) · scaling, is LoRALinear.forward_reference;
-tests/test_lora_layers.py holds the two equal.
+tests/test_fast_paths.py holds the two equal (and the formula, gradcheck, the mask's statistics).
 
 Shapes: M tokens (all leading dims of x flattened), K in_features, N out_features, r rank.
 """
@@ -193,7 +193,8 @@ class LoRAFunction(torch.autograd.Function):
     def forward(ctx, x, A, B, base, mask, alpha):
         A_, B_ = A.to(x.dtype), B.to(x.dtype)                                 # [r, K], [N, r]
         if isinstance(base, NF4Tensor):
-            y, W = base_forward(x, base, keeps_dequantized(base, x.dtype))    # [M, N]
+            keep = ctx.needs_input_grad[0] and keeps_dequantized(base, x.dtype)   # W is needed again for ∂x only
+            y, W = base_forward(x, base, keep)                                # [M, N]
         else:
             y, W = x @ base.t(), base
         xm = x if mask is None else x * mask.to(x.dtype)                      # [M, K] dropout(x) · (1 − p')

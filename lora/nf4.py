@@ -198,13 +198,10 @@ def dequantize_blocks_into(out, packed, absmax):
     words = torch.index_select(NF4_BYTE_WORDS.to(packed.device), 0, packed.int().reshape(-1),
                                out=out.view(-1).view(torch.int64) if direct else None)   # [R·C/2] int64
     values = words.view(torch.float32).view(R, absmax.shape[1], -1)                      # [R, C/bs, bs]
-    if direct:
-        values.mul_(absmax[..., None])                                                   # level · absmax
-    elif out.is_contiguous():        # other dtypes: the fp32 product is rounded once, as it is stored
-        torch.mul(values, absmax[..., None], out=out.view(values.shape))
-    else:
-        out.copy_(values.mul_(absmax[..., None]).view(R, C))
-    return out
+    values.mul_(absmax[..., None])                                                       # level · absmax
+    # Other dtypes: the fp32 product is rounded once, by the copy. (torch.mul(..., out=bf16) would fuse the
+    # two passes but runs a slower mixed-dtype loop: 0.57 ms against 0.14 + 0.21 for 700K values here.)
+    return out if direct else out.copy_(values.view(R, C))
 
 
 def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Tensor:

@@ -9,7 +9,7 @@
     3. generate   python generate.py --scheme lamini | evol | orca      → OUT/{lamini,evol,orca}.jsonl
     4. filter     python filter.py, once per scheme                      → OUT/{scheme}.judged.jsonl and
                                                                            OUT/{scheme}.filtered.jsonl
-    5. report     with the toy teacher: the filter's precision and recall against the answers the teacher
+    5. report     with the toy teacher (and any judge): the filter's precision and recall against the answers it
                   made wrong on purpose (its side file OUT/toy_teacher.wrong.jsonl) → OUT/filter_report.jsonl
 generate.py and filter.py run unchanged, as child processes, with their own progress bars. Each step appends
 and resumes (synth/records.py), so a failed or killed `make data` is finished by running it again, and a
@@ -22,7 +22,7 @@ no rating), over the judged records:
 
 Toy-world choices, each a flag of generate.py set here only for the toy inputs:
     --dedup-threshold 1.0     toy instructions of one template differ in one or two operand tokens, so
-                              Self-Instruct's ROUGE-L 0.7 would keep only a few hundred; exact copies still go
+                              Self-Instruct's ROUGE-L 0.7 keeps ~900 of 8000 (1.0: ~5100); exact copies still go
     --min-response-words 1    toy answers are one to five words ("12", "t a c")
 """
 
@@ -99,9 +99,11 @@ def describe(role: str, env: dict) -> str:
 
 
 def check_sources(out: Path, sources: dict):
-    """Refuse to resume files made by other endpoints or inputs; record them on the first run."""
+    """Refuse to resume files made by other endpoints or inputs; record them while no records exist (so a
+    first run that failed at once, say on a misspelt model, can be re-run with the right one)."""
     path = out / "sources.json"
-    if path.exists():
+    made = any((out / name).exists() for name in ("lamini.instructions.jsonl", *(f"{s}.jsonl" for s in SCHEMES)))
+    if path.exists() and made:
         before = json.loads(path.read_text())
         changed = [k for k in sources if before.get(k) != sources[k]]
         if changed:
@@ -153,12 +155,12 @@ def main(argv=None) -> int:
     toy = {role: not configured(role) for role in ("GENERATOR", "JUDGE")}
     toy_inputs = args.seeds is None
     wrong_log = out / "toy_teacher.wrong.jsonl"
-    toy_words = "synth/toy_llm.py"
+    stand_in = "synth/toy_llm.py"
     check_sources(out, {
-        "generator": f"toy-teacher ({toy_words}, wrong_fraction {args.wrong_fraction}, seed {args.seed})"
+        "generator": f"toy-teacher ({stand_in}, wrong_fraction {args.wrong_fraction}, seed {args.seed})"
         if toy["GENERATOR"] else describe("GENERATOR", env),
-        "judge": f"toy-judge ({toy_words})" if toy["JUDGE"] else describe("JUDGE", env),
-        "inputs": f"toy world ({toy_words}, seed {args.seed})" if toy_inputs else
+        "judge": f"toy-judge ({stand_in})" if toy["JUDGE"] else describe("JUDGE", env),
+        "inputs": f"toy world ({stand_in}, seed {args.seed})" if toy_inputs else
         {"seeds": args.seeds, "topics": args.topics, "tasks": args.tasks}})
 
     # --- 1. inputs

@@ -294,7 +294,8 @@ def main(argv=None):
     answer = Teacher(args.wrong_fraction, args.seed, args.wrong_log) if args.role == "teacher" else judge
     with ToyServer(answer, f"toy-{args.role}", args.port) as server:
         print(f"toy {args.role} listening on {server.url}", flush=True)
-        sys.stdin.read()  # the parent closes our stdin (or exits) to stop us
+        while sys.stdin.buffer.read1(65536):  # until the parent closes our stdin (or exits); ignore what it sends
+            pass
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """evals/harness.py on its own: hand-computed acc_norm, mc2 and standard errors; the harness's pair
-tokenisation; shared-prefix scoring equal to a plain full forward per request; the context computed
-once per item; batch sizes 1 and 8 giving the same accuracy to the last digit; the toy tasks; the
+tokenisation; packed scoring (model/packed.py) equal to a plain full forward per request; the context
+computed once per item; batch sizes 1 and 8 giving the same accuracy to the last digit; the toy tasks; the
 `evaluate.py harness` command line (JSON layout, samples, errors)."""
 import json
 import math
@@ -159,16 +159,35 @@ def test_an_items_context_runs_once_for_all_its_choices(lm, arc):
     context = T.build_context(arc, d, T.draw_shots(arc, [d], 3)[0])
     group = [harness.encode_pair(tok, context, " " + c) for c in d.choices]
     fed = []
-    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: fed.append(args[0].shape))
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: fed.append(tuple(args[0].shape)))
     try:
         harness.loglikelihoods(model, [group], 16, progress=False)
     finally:
         hook.remove()
     n_ctx = len(group[0][0])
-    assert fed[0] == (1, n_ctx)                                           # phase A: the context, once
-    assert all(shape[1] <= max(len(t) for _, t in group) for shape in fed[1:])   # then only the choices
-    harness_tokens = sum(len(c) + len(t) - 1 for c, t in group)          # lm-eval runs each request whole
-    assert sum(a * b for a, b in fed) < harness_tokens / 2
+    assert fed == [(1, n_ctx + sum(len(t) - 1 for _, t in group))]      # one row: context once, then choices
+    assert fed[0][1] < sum(len(c) + len(t) - 1 for c, t in group) / 2     # lm-eval runs each request whole
+
+
+def test_packed_rows_run_the_same_decoder_as_hidden_states(lm):
+    """One segment-0 row with positions 0… is a plain causal sequence; padding never changes a real row."""
+    from model.packed import hidden_states_packed, tree_mask
+    model, _ = lm
+    ids = torch.randint(3, 600, (2, 9), generator=torch.Generator().manual_seed(0))
+    segments = torch.zeros(2, 9, dtype=torch.long)
+    segments[1, 6:] = -1                                                  # the second row: 6 tokens + padding
+    positions = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        packed = hidden_states_packed(model, ids, positions, tree_mask(segments))
+        assert torch.allclose(packed[0], model.hidden_states(ids[:1])[0], atol=1e-5)
+        assert torch.allclose(packed[1, :6], model.hidden_states(ids[1:, :6])[0], atol=1e-5)
+    mask = tree_mask(torch.tensor([[0, 0, 1, 1, 2, -1]]))[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0, 0],          # context
+                    [1, 1, 0, 0, 0, 0],
+                    [1, 1, 1, 0, 0, 0],          # choice 1: the context and itself
+                    [1, 1, 1, 1, 0, 0],
+                    [1, 1, 0, 0, 1, 0],          # choice 2: the context and itself, not choice 1
+                    [0, 0, 0, 0, 0, 1]]          # padding: itself only
 
 
 def test_batch_sizes_1_and_8_give_the_same_accuracy_to_the_last_digit(lm, arc):

@@ -100,6 +100,21 @@ def test_dequantize_follows_the_formula_level_times_absmax():
         assert torch.equal(q.dequantize_tile(rows, cols, torch.bfloat16), expected[rows, cols].bfloat16())
 
 
+def test_rows_that_straddle_blocks_dequantize_with_the_flat_block_index():
+    """Rows of 1376 values (21.5 blocks; the small SFT bench's MLP width): value (i, j) belongs to block
+    (i · 1376 + j) // 64, as bitsandbytes' quantize_4bit stores it (its codes equal ours). Its CPU
+    dequantize_4bit kernel (0.50.2) takes block i · 21 + j // 64 instead for even rows like these, so it
+    is not the oracle here; the formula is."""
+    w = weight((24, 1376), torch.float32, seed=8)
+    q = quantize_nf4(w)
+    assert_same_storage(q, *bnb_quantize(w))
+    codes = torch.stack([q.packed.view(-1) >> 4, q.packed.view(-1) & 15], dim=1).view(-1)   # [n]
+    block = torch.arange(w.numel()) // 64
+    expected = (NF4_CODE[codes.long()] * q.block_absmax()[block]).view(w.shape)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(q.dequantize(dtype), expected.to(dtype))
+
+
 def test_values_on_a_midpoint_take_the_lower_level_as_bitsandbytes_does():
     """absmax 1 (the first value), every other value exactly on a midpoint between two levels."""
     mids = NF4_MIDPOINTS.repeat(5)[:63]

@@ -184,6 +184,17 @@ def test_make_data_end_to_end_on_a_small_n_filters_out_exactly_the_wrong_answers
         pipeline.main(argv)
 
 
+def test_sources_are_recorded_until_records_exist_then_another_source_is_refused(tmp_path):
+    toy_source, other = {"generator": "toy-teacher", "judge": "toy-judge"}, {"generator": "x at http://h/v1"}
+    pipeline.check_sources(tmp_path, other)            # a first run that made nothing (say, a misspelt model)
+    pipeline.check_sources(tmp_path, toy_source)       # may be re-run with another source
+    assert json.loads((tmp_path / "sources.json").read_text()) == toy_source
+    (tmp_path / "lamini.instructions.jsonl").write_text("")
+    pipeline.check_sources(tmp_path, toy_source)
+    with pytest.raises(SystemExit, match="holds data from another generator"):
+        pipeline.check_sources(tmp_path, {**toy_source, **other})
+
+
 def test_generate_and_filter_run_unchanged_against_the_toy_servers_in_process(tmp_path):
     """The same scripts, called as functions with endpoint flags instead of the driver's environment."""
     inputs = toy_llm.write_inputs(tmp_path / "toy", n_seeds=20, n_tasks=10)

@@ -23,7 +23,7 @@ from lora import load_adapter
 from losses import sequence_logps
 from model import PRESETS, Llama, Tokenizer, train_tokenizer
 from model.loading import load_pretrained, save_pretrained
-from train_dpo import METRICS, DPOConfig, main
+from train_dpo import METRICS, DPOConfig, main, rpo_term
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}      # one thread per process (see tests/test_train_sft.py)
@@ -198,14 +198,25 @@ def test_cached_reference_logps_equal_one_pair_at_a_time_logps_and_give_the_same
     assert code == 0 and "finished earlier" in out
 
 
+def test_rpo_adds_alpha_times_the_chosen_responses_mean_token_nll_and_nothing_at_alpha_0():
+    """Chosen rows of 3 and 1 response tokens (labels ≠ −100) with log-probs −3 and −1: NLL per token 1 and 1."""
+    labels = torch.tensor([[-100, 5, 6, 2], [-100, -100, 7, -100],       # chosen rows
+                           [-100, 9, 2, -100], [-100, -100, 8, 2]])      # rejected rows (not counted)
+    logps = torch.tensor([-3.0, -1.0])
+    cfg = DPOConfig(rpo_alpha=0.5)
+    assert rpo_term(cfg, logps, {"labels": labels}).tolist() == [0.5, 0.5]
+    assert rpo_term(DPOConfig(), logps, {"labels": labels}).tolist() == [0.0, 0.0]
+
+
 def test_shipped_configs_load_and_bad_settings_are_one_line_errors(reference, tmp_path):
     tiny = load_config(DPOConfig, ["--config", os.path.join(REPO, "configs/dpo-tiny.toml")])
     paper = load_config(DPOConfig, ["--config", os.path.join(REPO, "configs/dpo-openbezoar-3b.toml")])
     for cfg in (tiny, paper):
         assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) == (16, 16, 0.05, ["q_proj", "k_proj", "v_proj"])
-        assert cfg.quantize == "nf4" and cfg.beta == 0.1 and cfg.epochs == 1
+        assert cfg.quantize == "nf4" and cfg.epochs == 1
     assert tiny.base == "runs/tiny/hh_rlhf/merged" and tiny.out_dir == "runs/tiny-dpo"
     assert paper.base.endswith("hh_rlhf/merged") and paper.merged_dtype == "float16"
+    assert (paper.beta, paper.rpo_alpha, paper.label_smoothing, paper.ipo) == (0.1, 0.0, 0.0, False)  # plain DPO
     bad = tmp_path / "bad.toml"
     bad.write_text('betta = 0.1\n')
     with pytest.raises(SystemExit, match=r"bad.toml: unknown key 'betta' \(valid: base, tokenizer, out_dir, "):
