@@ -54,9 +54,13 @@ test: $(TSTAMP)
 	$(PY) -m pytest -q
 
 bench: $(TSTAMP)
-	$(RUN) bench/bench_load.py
+	$(RUN) bench/bench_load.py --nf4
 	$(RUN) bench/bench_decode.py
 	$(RUN) bench/bench_nf4.py
+	$(RUN) bench/bench_sft_step.py
+	$(RUN) bench/bench_dpo.py
+	$(RUN) bench/bench_chat_api.py
+	$(RUN) bench/bench_eval.py
 
 MODEL ?= openlm-research/open_llama_3b_v2
 OUT   ?= checkpoints/open_llama_3b_v2

@@ -39,10 +39,10 @@ skipped and counted; too-long pairs are cut (prompt from the left down to min_pr
 counted. The counts are printed at the start.
 
 One forward for both responses. share_prompt = true (default) packs each pair into one row [prompt, chosen,
-rejected] whose rejected tokens do not attend to the chosen ones (data/dpo.py), so the prompt is computed once:
-B(P + Rc + Rr) tokens instead of 2B(P + R). share_prompt = false stacks the B chosen rows and the B rejected rows
-into one [2B, T] batch (the DPO reference code's concatenated_forward). Both give the same log-probs up to float
-rounding (tests/test_dpo_data.py).
+rejected] whose responses attend to the prompt and themselves only (data/dpo.py, model/packed.py), so the
+prompt is computed once: B(P + Rc + Rr) tokens instead of 2B(P + R). share_prompt = false stacks the B chosen
+rows and the B rejected rows into one [2B, T] batch (the DPO reference code's concatenated_forward). Both give
+the same log-probs up to float rounding (tests/test_dpo_data.py).
 
 Data parallel (torchrun --nproc_per_node=N; gloo on CPU, NCCL on GPU), checkpoints and --resume exactly as in
 train_sft.py: rank r takes its consecutive run of micro-batches of each global batch, gradients are summed
@@ -75,19 +75,18 @@ from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from config import dump_config, load_config
 from data import toy
 from data.batching import LengthGroupedSampler, collate_dpo, tokenize_pairs
-from data.dpo import collate_dpo_packed, packed_attention_mask
+from data.dpo import collate_dpo_packed
 from data.hh import hh_files, hh_pairs
 from losses import dpo_loss, sequence_logps_chunked
 from lora import apply_lora, disable_adapters
 from model import Tokenizer, check_vocab
-from model.llama import rotary_cos_sin
 from model.loading import load_pretrained
+from model.packed import hidden_states_packed, tree_mask
 from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, check_same_config,
                       cleanup, is_main, load_checkpoint, lr_at, make_optimizer, micro_batches, peak_memory_gb,
                       record_eval, restore_trainable, rng_state, save_adapter_and_merged, save_checkpoint,
@@ -200,27 +199,15 @@ def collate(rows, pad_id, share_prompt, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def packed_hidden_states(model, batch):
-    """Final hidden states [B, T, D] of a collate_dpo_packed batch: Llama.hidden_states' embedding, blocks
-    and norm, with the packed rows' own positions and attention mask (data/dpo.py)."""
-    x = model.model.embed_tokens(batch["input_ids"])                                   # [B, T, D]
-    cos, sin = rotary_cos_sin(batch["position_ids"], model.config.head_dim, model.config.rope_theta, x.dtype)
-    mask = packed_attention_mask(batch["segments"])                                    # [B, 1, T, T]
-    for block in model.model.layers:
-        if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
-            x = checkpoint(block, x, cos, sin, mask, None, use_reentrant=False)
-        else:
-            x = block(x, cos, sin, mask)
-    return model.model.norm(x)                                                         # [B, T, D]
-
-
 def pair_logps(model, batch, chunk_size):
     """(chosen [B], rejected [B]) summed response log-probs of the B pairs of a batch, in one forward pass.
     Packed (collate_dpo_packed): the rows' hidden states are gathered into collate_dpo's layout, [2B, U, D];
     stacked (collate_dpo): input_ids [2B, T], the B chosen rows first (the DPO reference code's
     concatenated_forward; right padding needs no mask: causal attention keeps real tokens from the pads)."""
     if "index" in batch:
-        hidden = packed_hidden_states(model, batch).flatten(0, 1)[batch["index"]]     # [2B, U, D]
+        hidden = hidden_states_packed(model, batch["input_ids"], batch["position_ids"],
+                                      tree_mask(batch["segments"]))                    # [B, T, D]
+        hidden = hidden.flatten(0, 1)[batch["index"]]                                  # [2B, U, D]
     else:
         hidden = model.hidden_states(batch["input_ids"])                               # [2B, T, D]
     logps = sequence_logps_chunked(hidden, model.lm_head.weight, batch["labels"], chunk_size)   # [2B]
@@ -322,6 +309,27 @@ def evaluate(model, rows, ref_cache, cfg, pad_id, rank, world_size, device):
     return {f"eval/{name}": v.item() / len(rows) for name, v in zip(METRICS, reduce_sums(sums))}
 
 
+# --- the embedded default's toy exact match ---------------------------------------------------------------
+
+def toy_results(cfg):
+    """<out_dir>/eval_toy.json as a dict ({} if there is none yet)."""
+    path = os.path.join(cfg.out_dir, "eval_toy.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def report_toy(cfg, merged, tok, device):
+    """Score the SFT start and the merged DPO model on the toy tasks (each once) and print both figures."""
+    for key, folder in (("sft", cfg.base), ("dpo", merged)):
+        if key not in toy_results(cfg):
+            record_eval(cfg, key, folder, tok, device)
+    results = toy_results(cfg)
+    print(f"eval_toy: exact_match sft {results['sft']['exact_match']:.3f} → dpo {results['dpo']['exact_match']:.3f} "
+          f"on {cfg.eval_toy} held-out toy tasks")
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -354,7 +362,7 @@ def main(argv=None):
         if is_main():
             print(f"finished earlier: {merged}")
             if cfg.eval_toy:
-                record_eval(cfg, "dpo", merged, tok, device)
+                report_toy(cfg, merged, tok, device)
         cleanup()
         return
 
@@ -380,10 +388,8 @@ def main(argv=None):
     total = len(sampler) * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     warmup = math.ceil(cfg.warmup_ratio * total)
-    if cfg.eval_toy and is_main():
-        results = os.path.join(cfg.out_dir, "eval_toy.json")
-        if not os.path.exists(results) or "sft" not in json.load(open(results)):
-            record_eval(cfg, "sft", start, tok, device)    # the starting point, before the model is loaded
+    if cfg.eval_toy and is_main() and "sft" not in toy_results(cfg):
+        record_eval(cfg, "sft", start, tok, device)        # the starting point, before the model is loaded
 
     # --- model: frozen (NF4) base + a fresh LoRA; the reference is the same model with adapters disabled
     model = load_pretrained(start, dtype=cfg.dtype, device=device, quantize=None if cfg.quantize == "none" else "nf4")
@@ -413,7 +419,7 @@ def main(argv=None):
                                                      world_size, device)
     logger = MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))
 
-    def checkpoint(step):
+    def save(step):
         rng = rng_state()                               # a collective under DDP: every rank calls it
         if is_main():
             save_checkpoint(cfg.out_dir, {"adapter": {n: p.detach() for n, p in params.items()},
@@ -467,7 +473,7 @@ def main(argv=None):
                                                      world_size, device))
             stopping = stop.should_stop()
             if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                checkpoint(step + 1)
+                save(step + 1)
             if stopping:
                 if is_main():
                     print(f"stopped after step {step + 1}; continue with --resume")
@@ -480,9 +486,7 @@ def main(argv=None):
         n = save_adapter_and_merged(model, start, cfg.out_dir, tok.path, dtype=cfg.merged_dtype)
         print(f"saved {cfg.out_dir}/adapter (PEFT) and {merged} ({n} weights merged)")
         if cfg.eval_toy:
-            sft_em = json.load(open(os.path.join(cfg.out_dir, "eval_toy.json")))["sft"]["exact_match"]
-            dpo_em = record_eval(cfg, "dpo", merged, tok, device)
-            print(f"eval_toy: exact_match sft {sft_em:.3f} → dpo {dpo_em:.3f}")
+            report_toy(cfg, merged, tok, device)
     logger.close()
     cleanup()
 

@@ -289,8 +289,9 @@ def main():
                 r = child(s, d, args.steps, args.warmup, k)
                 runs[(s, k, d)].append(r)
                 print(f"  round {rnd + 1} {s:4} ckpt {k}/{L} {d}: step s " + " ".join(f"{t:.2f}" for t in r["times"])
-                      + f", first loss {r['first_loss']:.4f}, peak RSS {r['peak_rss'] / GB:.2f} GB, load "
-                      + "%.1f" % os.getloadavg()[0], flush=True)
+                      + " (CPU s " + " ".join(f"{t:.2f}" for t in r["cpu_times"]) + f"), first loss "
+                      f"{r['first_loss']:.4f}, peak RSS {r['peak_rss'] / GB:.2f} GB, load %.1f" % os.getloadavg()[0],
+                      flush=True)
 
     print(f"\n{'dtype':5} {'side':5} {'ckpt':>4} {'step s':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'matmul GF/s':>11} "
           f"{'% roofline':>10} {'CPU s':>6} {'peak RSS GB':>11} {'first loss':>10}")

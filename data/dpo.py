@@ -7,12 +7,12 @@ over [2B, P + R] rows computes every prompt twice. Packed, each pair is one row 
     positions  0  … P−1    | P  … P+Rc−1   | P  … P+Rr−1   | 0
     segment    0  …        | 1  …          | 2  …          | −1
 
-and attention is causal within the row, except that rejected tokens do not see chosen ones: each response
-then sees exactly the prompt and its own earlier tokens at the positions it has in its own row, so its hidden
-states equal those of the unpacked row (up to float rounding: other matmul shapes, an explicit mask). Pad
-queries attend like the tokens before them (their outputs are never used). With prompts of ~P and responses of ~R
-tokens a step processes B(P + 2R) tokens instead of 2B(P + R): a quarter fewer at P = R, about half fewer for
-the short answers of the toy pairs.
+and attention is causal within the row, each response seeing the prompt and itself only (model/packed.py:
+tree_mask of these segments, hidden_states_packed runs the decoder stack with it). Each response then sees
+exactly the prompt and its own earlier tokens at the positions it has in its own row, so its hidden states
+equal those of the unpacked row (up to float rounding: other matmul shapes, an explicit mask). With prompts
+of ~P and responses of ~R tokens a step processes B(P + 2R) tokens instead of 2B(P + R): a quarter fewer at
+P = R, about half fewer for the short answers of the toy pairs.
 
 Scoring. The unpacked layout is recovered by a gather: `index` [2B, U] gives, for each position of the
 chosen rows (0 … B−1) and then the rejected rows (B … 2B−1) as collate_dpo lays them out, its position in the
@@ -52,13 +52,3 @@ def collate_dpo_packed(rows, pad_id):
         index[B + b, P:P + Rr] = b * T + torch.arange(P + Rc, P + Rc + Rr)
     return {"input_ids": input_ids, "position_ids": position_ids, "segments": segments, "index": index,
             "labels": unpacked["labels"]}
-
-
-def packed_attention_mask(segments):
-    """Boolean [B, 1, T, T], True = query t may attend to key s: s ≤ t, s is not padding, and not (t in the
-    rejected response and s in the chosen one). Every query sees at least the first token (BOS)."""
-    T = segments.shape[1]
-    t = torch.arange(T, device=segments.device)
-    q, k = segments[:, :, None], segments[:, None, :]                              # [B, T, 1], [B, 1, T]
-    allowed = (t[None, None, :] <= t[None, :, None]) & (k >= 0) & ~((q == 2) & (k == 1))   # [B, T, T]
-    return allowed[:, None]                                                        # [B, 1, T, T]

@@ -25,10 +25,10 @@ lm-eval is a test-only dependency of bezoar (requirements-test.txt); this module
 import sys
 
 import torch
-from tqdm import tqdm
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
 
 from evals.harness import loglikelihoods
 from model.loading import load_pretrained

@@ -30,7 +30,8 @@ from evals import harness, mt_bench  # noqa: E402
 from evals.mt_bench_judge import summarize  # noqa: E402
 from model import Tokenizer  # noqa: E402
 from model.loading import load_pretrained  # noqa: E402
-from train_sft import SFTConfig, toy_exact_match  # noqa: E402
+from train_sft import SFTConfig  # noqa: E402
+from training import toy_exact_match  # noqa: E402
 
 
 def parse_args(argv):
@@ -75,10 +76,12 @@ def plot(out_png, curves, table, names):
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     base, sft, dpo = curves
     ax = axes[0]
-    ax.plot([r["step"] for r in base], [r["loss"] for r in base])
+    rows = [r for r in base if "loss" in r]
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set(title="base pretraining", xlabel="step", ylabel="loss")
     ax = axes[1]
     offset = 0
+    sft = [r for r in sft if "loss" in r and "stage" in r]
     for stage in dict.fromkeys(r["stage"] for r in sft):
         rows = [r for r in sft if r["stage"] == stage]
         ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=stage)
@@ -86,9 +89,9 @@ def plot(out_png, curves, table, names):
     ax.set(title="SFT stages (QLoRA)", xlabel="step (stages in order)", ylabel="loss")
     ax.legend(fontsize=8)
     ax = axes[2]
-    ax.plot([r["step"] for r in dpo], [r["loss"] for r in dpo], label="loss")
-    if dpo and "rewards/accuracies" in dpo[0]:
-        ax.plot([r["step"] for r in dpo], [r["rewards/accuracies"] for r in dpo], label="rewards/accuracies")
+    for key in ("loss", "rewards/accuracies", "eval/rewards/accuracies"):   # train and held-out records
+        rows = [r for r in dpo if key in r]
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key, marker="." if "eval" in key else None)
     ax.set(title="DPO", xlabel="step")
     ax.legend(fontsize=8)
     ax = axes[3]

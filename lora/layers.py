@@ -118,7 +118,7 @@ class NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q: NF4Tensor):                                        # x [M, K]
         ctx.q = q
-        y, W = base_forward(x, q, keeps_dequantized(q, x.dtype) and x.requires_grad)
+        y, W = base_forward(x, q, ctx.needs_input_grad[0] and keeps_dequantized(q, x.dtype))
         ctx.save_for_backward(W)
         return y
 

@@ -10,6 +10,7 @@ Llama.hidden_states derives its mask from a key-padding mask, which cannot keep 
 runs the same decoder stack (embed → blocks → final norm) with the mask and positions given.
 """
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from model.llama import rotary_cos_sin
 
@@ -28,9 +29,12 @@ def tree_mask(segment):
 
 def hidden_states_packed(model, input_ids, position_ids, mask):
     """Final normed hidden states [B, T, D] of a Llama for input_ids and position_ids [B, T] under an
-    explicit boolean mask [B, 1, T, T]; no KV cache."""
+    explicit boolean mask [B, 1, T, T]; no KV cache. Activation checkpointing as in Llama.hidden_states."""
     x = model.model.embed_tokens(input_ids)                                        # [B, T, D]
     cos, sin = rotary_cos_sin(position_ids, model.config.head_dim, model.config.rope_theta, x.dtype)
     for block in model.model.layers:
-        x = block(x, cos, sin, mask)
+        if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
+            x = checkpoint(block, x, cos, sin, mask, None, use_reentrant=False)
+        else:
+            x = block(x, cos, sin, mask)
     return model.model.norm(x)                                                     # [B, T, D]

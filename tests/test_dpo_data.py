@@ -9,13 +9,14 @@ import torch
 
 from data import toy
 from data.batching import tokenize_pair, tokenize_pairs
-from data.dpo import collate_dpo_packed, packed_attention_mask
+from data.dpo import collate_dpo_packed
 from data.hh import hh_example, hh_files, hh_pairs
 from data.sft import DataStats
 from data.template import DEFAULT_SYSTEM
 from lora import apply_lora, lora_modules
 from losses import sequence_logps
 from model import PRESETS, Llama
+from model.packed import tree_mask
 from model.tokenizer import Tokenizer, train_tokenizer
 from train_dpo import collate, pair_logps
 
@@ -50,19 +51,17 @@ def test_a_pair_packs_into_prompt_chosen_rejected_with_response_positions_restar
 
 
 def test_rejected_tokens_see_the_prompt_and_themselves_but_not_the_chosen_response():
-    """Pair 0 above: prompt 0-2, chosen 3-4, rejected 5-7 (1 = may attend)."""
-    mask = packed_attention_mask(collate_dpo_packed([row([1, 5, 6], [7, 2], [8, 9, 2])], 0)["segments"])
-    assert mask.shape == (1, 1, 8, 8)
-    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0, 0, 0],
+    """Pair 1 above: prompt 0-1, chosen 2-3, rejected 4, pads 5-7 (1 = may attend; a pad sees itself only)."""
+    mask = tree_mask(collate_dpo_packed([row([1, 5, 6], [7, 2], [8, 9, 2]), row([1, 4], [3, 2], [2])], 0)["segments"])
+    assert mask.shape == (2, 1, 8, 8)
+    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0, 0, 0, 0, 0],
                                          [1, 1, 0, 0, 0, 0, 0, 0],
                                          [1, 1, 1, 0, 0, 0, 0, 0],
                                          [1, 1, 1, 1, 0, 0, 0, 0],
-                                         [1, 1, 1, 1, 1, 0, 0, 0],
-                                         [1, 1, 1, 0, 0, 1, 0, 0],
-                                         [1, 1, 1, 0, 0, 1, 1, 0],
-                                         [1, 1, 1, 0, 0, 1, 1, 1]]
-    pads = packed_attention_mask(torch.tensor([[0, 1, 2, -1]]))[0, 0]
-    assert pads[:, 3].sum() == 0 and pads[3].tolist() == [True, True, True, False]    # no key is a pad
+                                         [1, 1, 0, 0, 1, 0, 0, 0],
+                                         [0, 0, 0, 0, 0, 1, 0, 0],
+                                         [0, 0, 0, 0, 0, 0, 1, 0],
+                                         [0, 0, 0, 0, 0, 0, 0, 1]]
 
 
 @pytest.fixture(scope="module")

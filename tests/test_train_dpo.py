@@ -170,11 +170,14 @@ def test_two_gloo_ranks_give_the_loss_curve_of_one_process_with_twice_the_accumu
 
 def test_cached_reference_logps_equal_one_pair_at_a_time_logps_and_give_the_same_training(reference):
     """The cache holds log π_ref of each pair (the start model in NF4, no adapter); recomputed here pair by
-    pair, unpadded, through the plain (unchunked) sequence_logps. Training from it follows the in-loop run."""
+    pair, unpadded, through the plain (unchunked) sequence_logps. Training from it follows the in-loop run,
+    and a resumed run reads the cache instead of recomputing it."""
     tmp, toml, ref, _ = reference
     run = tmp / "cached"
-    code, out = run_dpo("--config", toml, "--out_dir", run, "--precompute_ref_logps", "true")
-    assert code == 0, out[-3000:]
+    code, out = run_dpo("--config", toml, "--out_dir", run, "--precompute_ref_logps", "true", kill_at="step=3")
+    assert code == 0 and "stopped after step" in out and "reference log-probs (train)" in out, out[-3000:]
+    code, out = run_dpo("--config", toml, "--out_dir", run, "--precompute_ref_logps", "true", "--resume")
+    assert code == 0 and f"reference log-probs: read {run}/ref_logps.pt" in out, out[-3000:]
     cfg = load_config(DPOConfig, ["--config", str(toml)])
     cache = torch.load(run / "ref_logps.pt", weights_only=True)
     tok = Tokenizer(os.path.join(cfg.base, "tokenizer.model"))
@@ -191,11 +194,9 @@ def test_cached_reference_logps_equal_one_pair_at_a_time_logps_and_give_the_same
                 assert cache[key][i, j].item() == pytest.approx(expected.item(), abs=1e-4)
     for kind, names in (("loss", METRICS), ("eval/loss", [f"eval/{m}" for m in METRICS])):
         cached, in_loop = records(run, kind), records(ref, kind)
+        assert [r["step"] for r in cached] == [r["step"] for r in in_loop]
         for name in names:
             assert [r[name] for r in cached] == pytest.approx([r[name] for r in in_loop], rel=1e-3, abs=1e-5), name
-    # a resumed run reads the cache instead of recomputing it
-    code, out = run_dpo("--config", toml, "--out_dir", run, "--precompute_ref_logps", "true", "--resume")
-    assert code == 0 and "finished earlier" in out
 
 
 def test_rpo_adds_alpha_times_the_chosen_responses_mean_token_nll_and_nothing_at_alpha_0():
