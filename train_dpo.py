@@ -82,7 +82,7 @@ from data import toy
 from data.batching import LengthGroupedSampler, collate_dpo, tokenize_pairs
 from data.dpo import collate_dpo_packed
 from data.hh import hh_files, hh_pairs
-from losses import dpo_loss, sequence_logps_chunked
+from losses import IGNORE_INDEX, dpo_loss, sequence_logps_chunked
 from lora import apply_lora, disable_adapters
 from model import Tokenizer, check_vocab
 from model.loading import load_pretrained
@@ -215,13 +215,14 @@ def pair_logps(model, batch, chunk_size):
 
 
 def rpo_term(cfg, policy_chosen_logps, batch):
-    """[B] α · (−log πθ(y_w|x) / |y_w|), RPO's negative log-likelihood of the chosen response per token
-    (Pang et al. 2024, eq. 2, with α = rpo_alpha); zeros when rpo_alpha = 0. DPO alone can lower the chosen
-    responses' likelihood along with the rejected ones'; this term holds it up."""
+    """[B] α · (−log πθ(y_w|x) / |y_w|), the chosen response's negative log-likelihood per token, the term RPO
+    adds to DPO's loss (Pang et al. 2024, Iterative Reasoning Preference Optimization; α = rpo_alpha); zeros
+    when rpo_alpha = 0. DPO alone can lower the chosen responses' likelihood along with the rejected ones';
+    this term holds it up."""
     if not cfg.rpo_alpha:
         return torch.zeros_like(policy_chosen_logps)
     B = policy_chosen_logps.shape[0]
-    n_chosen = (batch["labels"][:B] != -100).sum(-1)                                   # [B] response tokens
+    n_chosen = (batch["labels"][:B] != IGNORE_INDEX).sum(-1)                           # [B] response tokens
     return -cfg.rpo_alpha * policy_chosen_logps / n_chosen
 
 

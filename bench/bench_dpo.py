@@ -202,10 +202,11 @@ def main():
                 r = child(s, d, args.steps, args.warmup)
                 runs[(s, d)].append(r)
                 first = r["first"]
-                print(f"  round {rnd + 1} {s:6} {d}: step s " + " ".join(f"{t:.2f}" for t in r["times"])
+                print(f"  round {rnd + 1} {s:7} {d}: step s " + " ".join(f"{t:.2f}" for t in r["times"])
+                      + " (CPU s " + " ".join(f"{t:.2f}" for t in r["cpu_times"]) + ")"
                       + (f", first loss {first['loss']:.6f} (log 2 = {math.log(2):.6f})" if first["loss"] else "")
                       + (f", first logps/chosen {first['logps_chosen']:.2f}" if first["logps_chosen"] else "")
-                      + f", peak RSS {r['peak_rss'] / GB:.2f} GB", flush=True)
+                      + f", peak RSS {r['peak_rss'] / GB:.2f} GB, load %.1f" % os.getloadavg()[0], flush=True)
 
     # CPU s: the process's CPU time per step (all its threads); on a machine shared with other jobs it
     # moves less than the wall-clock time, and pairs per CPU-second compares the work each side does.
