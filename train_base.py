@@ -5,6 +5,17 @@ the same role at toy scale: it knows the toy world's facts ("7 plus 5 is 12.", "
 but has never seen an instruction, a question or the prompt template, so it cannot follow instructions and its
 exact match on held-out toy tasks stays near zero until the SFT stages teach it the format.
 
+What the base must know for SFT to work (measured; data/toy.py pretraining_text):
+  - facts with their operands named earlier ("We have the numbers 7 and 5. Their sum is 12."): pretrained on
+    statements alone, the base could complete "7 plus 5 is" but not find operands further back, and QLoRA SFT
+    taught it the answer's kind, not its content (held-out exact match 0.06-0.08 after the LaMini stage,
+    0.42 after 1500 steps; with these paragraphs 0.80 after 1500 steps, same data and adapters);
+  - the words of the responses' explanations ("Step 1:", "This holds by the rule the task gives."): without
+    them the Orca stage's explanations stayed at a loss of ~1.8 per token (those tokens were never produced
+    in pretraining; LoRA on q, k, v cannot teach new words quickly) and pulled exact match down by 0.3-0.4;
+  - its facts, reliably: 2000 steps on 40000 documents (~1.7 epochs) state 98% of held-out facts right
+    (1000 steps on 20000: 87%, add and subtract near 50%).
+
     config → seed → tokenizer (SentencePiece BPE on data/toy.pretraining_text) → model (random init)
            → documents packed into rows → AdamW, warmup + cosine → loop → save runs/base/
 
@@ -46,7 +57,7 @@ class BaseConfig:
     device: Optional[str] = None          # cpu, cuda, cuda:1; none = cuda if available, else cpu
     dtype: str = "float32"                # float32 or bfloat16 (weights and compute; saved in this dtype)
     # --- data
-    documents: int = 20000                # toy.pretraining_text documents (3-8 statements each, ~60 tokens)
+    documents: int = 40000                # toy.pretraining_text documents (3-8 units each, ~120 tokens)
     vocab_size: int = 1024                # SentencePiece BPE pieces, also the model's vocab_size (≥ 260)
     # --- model shape (config.json names); defaults: model/config.py's "tiny" preset
     hidden_size: int = TINY.hidden_size
@@ -57,7 +68,7 @@ class BaseConfig:
     # --- optimisation
     seq_len: int = 128                    # T: tokens per row (packed documents)
     batch_size: int = 32                  # B: rows per step
-    steps: int = 1000                     # optimizer steps (the rows repeat once the data is used up)
+    steps: int = 2000                     # optimizer steps (the rows repeat once the data is used up)
     lr: float = 2e-3                      # peak learning rate (small models take large ones)
     warmup_steps: int = 50                # linear warmup, then cosine decay to min_lr_ratio · lr
     min_lr_ratio: float = 0.1

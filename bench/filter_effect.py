@@ -6,8 +6,8 @@ Two runs of train_sft.py from runs/base with configs/tiny.toml's settings and it
 configs differ only in the stages' data paths (checked here):
     filtered     runs/data/{lamini,orca,evol}.filtered.jsonl   what `make data` keeps (judge rating ≥ 7)
     unfiltered   runs/data/{lamini,orca,evol}.jsonl            everything generated, ~25% answered wrong on purpose
-Same steps, batch, learning rate and seed; each stage has more examples than its max_steps use, so both runs
-see the same number of examples. Both are scored on the same --eval-tasks held-out toy tasks (train_sft.py's
+Same batch, learning rate and seed, and the same number of steps: each stage stops both runs after the filtered
+run's steps (its epochs over the filtered file; the unfiltered file is larger), so both see as many examples. Both are scored on the same --eval-tasks held-out toy tasks (train_sft.py's
 eval_toy, greedy); the standard error of an exact match p over n tasks is √(p(1 − p)/n).
 The two runs are child processes side by side, --threads torch threads each (runs/filter-effect/{filtered,
 unfiltered}, replaced on every bench run); each measures its own peak RSS (bench/machine.py). Writes
@@ -44,12 +44,18 @@ def configs(stages: int, eval_tasks: int, data: Path, out: Path) -> dict:
     tiny = load_config(SFTConfig, ["--config", str(ROOT / "configs" / "tiny.toml")])
     if not 1 <= stages <= 3 or any(s.scheme not in FILES for s in tiny.stages[:stages]):
         raise SystemExit(f"--stages must pick among the instruction stages {list(FILES)}, got {stages}")
-    made = {}
+    made, steps = {}, []
     for kind, suffix in (("filtered", ".filtered.jsonl"), ("unfiltered", ".jsonl")):
         chosen = [replace(s, data=[str(data / (FILES[s.scheme] + suffix))]) for s in tiny.stages[:stages]]
         missing = [p for s in chosen for p in s.data if not Path(p).exists()]
         if missing:
             raise SystemExit(f"{missing[0]}: not found; run `make data` first")
+        if not steps:       # the filtered run's steps a stage: epochs × ⌈records / batch⌉, capped by max_steps
+            for s in chosen:
+                with open(s.data[0]) as f:
+                    n = -(-sum(1 for line in f if line.strip()) // tiny.batch_size) * s.epochs
+                steps.append(min(n, s.max_steps or n))
+        chosen = [replace(s, max_steps=k) for s, k in zip(chosen, steps)]
         made[kind] = replace(tiny, stages=chosen, out_dir=str(out / kind), eval_toy=eval_tasks, resume=False)
     a, b = (config_to_dict(c) for c in made.values())
     for stage_a, stage_b in zip(a["stages"], b["stages"]):

@@ -21,14 +21,25 @@ else the last non-empty line; a response ends where a new turn starts ("\\n\\nHu
 Normalised (outer space, quotes, a final "." and repeated spaces dropped; case kept, since uppercase is a
 task) and compared exactly with the gold answer.
 
-Schemes. lamini_records (instruction → bare answer), orca_records (our Orca-kind system message →
-explanation ending "Answer: X", plus Flan-like fields), evol_records (an evolved instruction → answer),
-hh_pairs (HH-RLHF rows {"chosen", "rejected"}: the same dialogue ending in the gold answer and in a
-make_wrong answer), used for the HH-RLHF SFT stage (chosen) and for DPO. system None = the default sentence.
+Responses. The default response (reference_response with no style) states the fact the way pretraining
+does, with the instruction's operands, then the answer on its own line: "7 plus 5 is 12.\nAnswer: 12". A
+model of a million parameters cannot read operands out of an instruction and compute in the same token (we
+measured: trained on bare answers it often gives an answer of the right kind with the wrong content), but it
+can copy the operands into a statement it knows and then copy the statement's end. The orca styles explain
+in several lines and end with the same "Answer: X" line.
 
-Pretraining. pretraining_text: statements ("7 plus 5 is 12.", "c a t backwards is t a c.") and counting
-and alphabet runs, never a question, an instruction or a template marker: the base learns the facts, not
-the instruction-following format, so its exact match on templated prompts stays near zero.
+Schemes. lamini_records (instruction → default response), orca_records (our Orca-kind system message →
+explanation ending "Answer: X", plus Flan-like fields), evol_records (an evolved instruction → default
+response, or the step_by_step explanation when it asks for reasoning), hh_pairs (HH-RLHF rows {"chosen",
+"rejected"}: the same dialogue ending in the default response and in the same response around a make_wrong
+answer), used for the HH-RLHF SFT stage (chosen) and for DPO. system None = the default sentence.
+
+Pretraining. pretraining_text: statements ("7 plus 5 is 12.", "c a t backwards is t a c."), paragraphs
+that name operands first and state facts about them later ("We have the letters c a t. Backwards they read
+t a c."; "We add 7 and 5. The result is 12."; a worked explanation in a response style's words), counting
+and alphabet runs; never a question, an instruction, a template marker or an "Answer:" line: the base learns
+the facts, the words the responses use and how to find operands named earlier, not the instruction-following
+format, so its exact match on templated prompts stays near zero.
 
 Teacher. parse_instruction(text) finds the first toy instruction in any prompt text (the pipeline's own
 wording around it is ignored) and returns its Task; reference_response, make_wrong, evolve and orca_style
@@ -43,7 +54,7 @@ from dataclasses import dataclass
 from data.template import DEFAULT_SYSTEM, format_prompt
 
 HELDOUT_PERCENT = 20
-PARAGRAPH_SHARE = 0.35
+PARAGRAPH_SHARE = 0.5             # pretraining units that are paragraphs (the rest: statements, runs, words)
 LETTERS = string.ascii_lowercase
 WORDS = ("cat", "dog", "sun", "hat", "cup", "pen", "box", "red", "map", "egg", "car", "bus", "sky", "tree", "fish",
          "bird", "star", "moon", "rain", "leaf", "book", "door", "milk", "cake", "frog", "ship", "coin", "lamp")
@@ -371,26 +382,39 @@ def asks_for_reasoning(text):
     return any(s in text for op in ("deepening", "increase_reasoning_steps") for s in _EVOL_TEXT[op])
 
 
+def explanation(family, operands, style):
+    """The explanation lines of a response in an ORCA_SYSTEM_MESSAGES style, without the final answer line.
+    Pretraining states them too (as worked examples in prose), so the base knows the words they use."""
+    lines = FAMILIES[family].explain(*operands)
+    if style == "step_by_step":
+        return [f"Step {i}: {line}" for i, line in enumerate(lines, 1)]
+    if style == "five_year_old":
+        return ["Let us look at it the easy way."] + lines
+    if style == "justify":
+        return [f"{line} This holds by the rule the task gives." for line in lines]
+    if style == "brief":
+        return []
+    if style == "teacher":
+        return ["Here is how to work it out."] + lines + ["You can check it the same way next time."]
+    raise ValueError(f"unknown style {style!r}; expected one of {sorted(ORCA_SYSTEM_MESSAGES)}")
+
+
+def restatement(task, answer=None):
+    """The task's fact as pretraining states it, with `answer` (default: the gold one) in the answer slot:
+    the family's first statement, e.g. "7 plus 5 is 12." """
+    return FAMILIES[task.family].statements[0].format(**{**_render(task.family, task.operands),
+                                                         "answer": task.answer if answer is None else answer})
+
+
 def reference_response(task, style=None):
-    """The gold response. style None: the bare answer, or the step_by_step explanation when the instruction
-    asks for reasoning. An ORCA_SYSTEM_MESSAGES style: explanation lines, then "Answer: {answer}"."""
+    """The gold response. style None: the restated fact, then "Answer: {answer}" ("7 plus 5 is 12.\nAnswer:
+    12"), or the step_by_step explanation when the instruction asks for reasoning. An ORCA_SYSTEM_MESSAGES
+    style: explanation lines, then "Answer: {answer}". Every response ends with the answer."""
     if style is None:
         if not asks_for_reasoning(task.instruction):
-            return task.answer
+            return f"{restatement(task)}\nAnswer: {task.answer}"
         style = "step_by_step"
-    lines = FAMILIES[task.family].explain(*task.operands)
-    if style == "step_by_step":
-        lines = [f"Step {i}: {line}" for i, line in enumerate(lines, 1)]
-    elif style == "five_year_old":
-        lines = ["Let us look at it the easy way."] + lines
-    elif style == "justify":
-        lines = [f"{line} This holds by the rule the task gives." for line in lines]
-    elif style == "brief":
-        lines = []
-    elif style == "teacher":
-        lines = ["Here is how to work it out."] + lines + ["You can check it the same way next time."]
-    else:
-        raise ValueError(f"unknown style {style!r}; expected one of {sorted(ORCA_SYSTEM_MESSAGES)}")
+    lines = explanation(task.family, task.operands, style)
     return "\n".join(lines + [f"Answer: {task.answer}"])
 
 
@@ -424,9 +448,9 @@ def _record(scheme, split, seed, i, task, response, system=None, **meta):
 
 
 def lamini_records(n, seed, split="train"):
-    """LaMini-style records: instruction (+ input) → the bare answer."""
+    """LaMini-style records: instruction (+ input) → the default response (restated fact, answer line)."""
     rng = random.Random(f"lamini-{split}-{seed}")
-    return [_record("lamini", split, seed, i, t, t.answer, source="toy")
+    return [_record("lamini", split, seed, i, t, reference_response(t), source="toy")
             for i, t in enumerate(sample_task(rng, split) for _ in range(n))]
 
 
@@ -478,7 +502,8 @@ def hh_transcript(turns):
 
 def hh_pairs(n, seed, split="train"):
     """HH-RLHF-shaped rows {"chosen", "rejected"}: one shared dialogue (a task, after small talk or an earlier
-    answered task two times in five), ending in the gold answer (chosen) or a make_wrong answer (rejected)."""
+    answered task two times in five), ending in the default response (chosen) or in the same response around a
+    make_wrong answer (rejected: "7 plus 5 is 13.\nAnswer: 13")."""
     rng = random.Random(f"hh-{split}-{seed}")
     rows = []
     for _ in range(n):
@@ -487,10 +512,12 @@ def hh_pairs(n, seed, split="train"):
             turns.append(rng.choice(SMALL_TALK))
         elif r < 0.4:
             earlier = sample_task(rng, split, input_form=False)
-            turns.append((earlier.instruction, earlier.answer))
+            turns.append((earlier.instruction, reference_response(earlier)))
         t = sample_task(rng, split, input_form=False)
         prompt = hh_transcript(turns) + f"\n\nHuman: {t.instruction}\n\nAssistant:"
-        rows.append({"chosen": f"{prompt} {t.answer}", "rejected": f"{prompt} {make_wrong(t, rng)}"})
+        wrong = make_wrong(t, rng)
+        rows.append({"chosen": f"{prompt} {reference_response(t)}",
+                     "rejected": f"{prompt} {restatement(t, wrong)}\nAnswer: {wrong}"})
     return rows
 
 
@@ -526,24 +553,32 @@ def _operands(rng, family, split):
 
 
 def _paragraph(rng, family, operands):
-    """Facts about operands named at a distance: an intro naming them, then 1-3 sentences about them (a
-    sentence that only refers back, or a statement that repeats them); or a sentence naming the operation,
-    then its result. The answer sits several tokens after the operands, as it does after an instruction."""
+    """Facts about operands named at a distance, one of three kinds: an intro naming them, then 1-3 sentences
+    about them (a sentence that only refers back, or a statement that repeats them); a sentence naming the
+    operation, then its result; or the operation, then its explanation in one of the response styles' words.
+    The answer sits several tokens after the operands, as it does after an instruction."""
     f = FAMILIES[family]
     slots = _render(family, operands)
-    if rng.random() < 0.4:
-        return f"{rng.choice(f.doing)} {rng.choice(RESULTS)}".format(**slots)
-    facts = rng.sample(f.about + f.statements, rng.randint(1, 3))
-    return " ".join([rng.choice(INTROS[f.fields])] + facts).format(**slots)
+    kind = rng.random()
+    if kind < 0.3:
+        sentences = [rng.choice(INTROS[f.fields])] + rng.sample(f.about + f.statements, rng.randint(1, 3))
+    elif kind < 0.6:
+        sentences = [rng.choice(f.doing), rng.choice(RESULTS)]
+    else:
+        style = rng.choice(sorted(set(ORCA_SYSTEM_MESSAGES) - {"brief"}))
+        sentences = [rng.choice(f.doing)] + [line.replace("{", "{{").replace("}", "}}")
+                                             for line in explanation(family, operands, style)]
+    return rng.choice((" ", "\n")).join(sentences).format(**slots)
 
 
 def pretraining_text(n, seed, split=None):
     """n plain-text documents for the base model and the tokenizer: 3-8 units each, a unit being a statement
     ("7 plus 5 is 12.", "c a t backwards is t a c."), a paragraph about operands named earlier ("We have the
-    letters c a t. Backwards they read t a c."; "We add 7 and 5. The result is 12."), a counting or alphabet
-    run or a spelled word; no questions, instructions or template markers. split None states facts about every
-    instance (the base's world knowledge, as web text would); "train" or "heldout" restricts them to that
-    split."""
+    letters c a t. Backwards they read t a c."; "We add 7 and 5. The result is 12."; "We add 7 and 5. Step 1:
+    We start at 7 and count up 5 more. Step 2: 7 plus 5 is 12."), a counting or alphabet run or a spelled
+    word; no questions, instructions, template markers or "Answer:" lines. split None states facts about
+    every instance (the base's world knowledge, as web text would); "train" or "heldout" restricts them to
+    that split."""
     rng = random.Random(f"pretrain-{split}-{seed}")
     vocabulary = _vocabulary()
     docs = []
@@ -551,19 +586,19 @@ def pretraining_text(n, seed, split=None):
         sentences = []
         for _ in range(rng.randint(3, 8)):
             kind = rng.random()
-            if kind < 0.1:
+            if kind < 0.07:
                 start, step = rng.randint(5, 94), rng.choice((1, -1))
                 sentences.append(_sp(str(start + step * k) for k in range(rng.randint(4, 6))) + ".")
-            elif kind < 0.2:
+            elif kind < 0.14:
                 start = rng.randint(0, 21)
                 sentences.append(_sp(LETTERS[start:start + rng.randint(4, 5)]) + ".")
-            elif kind < 0.3:
+            elif kind < 0.2:
                 word = rng.choice(vocabulary)
                 sentences.append(f"{word} is spelled {_sp(word)}.")
             else:
                 family = rng.choice(sorted(FAMILIES))
                 operands = _operands(rng, family, split)
-                if kind < PARAGRAPH_SHARE + 0.3:
+                if kind < 0.2 + PARAGRAPH_SHARE:
                     sentences.append(_paragraph(rng, family, operands))
                 else:
                     sentences.append(rng.choice(FAMILIES[family].statements).format(**_render(family, operands)))

@@ -369,15 +369,16 @@ def _toy_mc_doc(t, rng):
             wrongs.append(w)
         if len(wrongs) == 3:
             break
-    choices = [t.answer] + wrongs
+    choices = [f"{toy.restatement(t, a)}\nAnswer: {a}" for a in [t.answer] + wrongs]   # the SFT data's response
     order = list(range(len(choices)))
     rng.shuffle(order)
     return Doc(toy.task_prompt(t), [choices[i] for i in order], order.index(0), answer=t.answer, item=t)
 
 
 def toy_mc(n=TOY_N, seed=TOY_SEED):
-    """Held-out toy tasks: the templated prompt, the gold answer among make_wrong answers. The answer
-    follows the prompt's "### Response:\\n" directly (target delimiter ""), as the SFT data has it."""
+    """Held-out toy tasks: the templated prompt; the choices are the default response (the restated fact,
+    then "Answer: X", data/toy.py) around the gold answer and around make_wrong answers. The response
+    follows the prompt's "### Response:\n" directly (target delimiter ""), as the SFT data has it."""
     rng = random.Random(f"toy_mc-{seed}")
     docs = [_toy_mc_doc(t, rng) for t in toy.heldout_tasks(n, seed)]
     train = random.Random(f"toy_mc-train-{seed}")

@@ -44,6 +44,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lora import nf4_cpu
+
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # those bitsandbytes accepts
 NESTED_BLOCK_SIZE = 256                                      # double quantisation, as in bitsandbytes
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -171,6 +173,13 @@ class NF4Tensor:
             packed = torch.nn.functional.pad(packed, (0, nb * bs // 2 - packed.numel()))
         out = torch.empty(nb, bs, dtype=dtype, device=self.device)
         absmax = self.block_absmax()
+        if nf4_cpu.usable(self.device, dtype, bs):     # the one-pass C kernel, same values (lora/nf4_cpu.py)
+            full = n // bs                              # whole blocks as rows of one block each
+            nf4_cpu.dequantize_blocks(out[:full], packed[:full * bs // 2].view(full, bs // 2),
+                                      absmax[:full, None], NF4_CODE)
+            if full < nb:
+                dequantize_blocks_into(out[full:], packed[full * bs // 2:].view(1, bs // 2), absmax[full:, None])
+            return out.view(-1)[:n].view(self.shape)
         step = max(1, CHUNK // bs)
         for b in range(0, nb, step):
             dequantize_blocks_into(out[b:b + step], packed.view(nb, bs // 2)[b:b + step],
@@ -187,6 +196,8 @@ class NF4Tensor:
         packed = self.packed.view(N, K // 2)[rows, cols.start // 2:cols.stop // 2]     # [R, C/2]
         absmax = absmax.view(N, K // bs)[rows, cols.start // bs:cols.stop // bs]      # [R, C/bs]
         out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype, device=self.device)
+        if nf4_cpu.usable(self.device, dtype, bs):
+            return nf4_cpu.dequantize_blocks(out, packed, absmax, NF4_CODE)
         return dequantize_blocks_into(out, packed, absmax)
 
 

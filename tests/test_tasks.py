@@ -169,7 +169,8 @@ def test_mmlu_with_a_wrong_header_and_unknown_names_are_errors(tmp_path):
 def test_toy_tasks_put_the_gold_answer_among_distinct_wrong_ones():
     mc, gen = T.toy_mc(50, 0), T.toy_gen(50, 0)
     for d in mc.docs:
-        assert d.choices[d.gold] == d.item.answer and len(set(d.choices)) == len(d.choices) >= 2
+        assert d.choices[d.gold] == toy.reference_response(d.item) and len(set(d.choices)) == len(d.choices) >= 2
+        assert all(toy.extract_answer(c) != d.item.answer for i, c in enumerate(d.choices) if i != d.gold)
         assert toy.split_of(d.item.family, d.item.operands) == "heldout"
         assert d.query == toy.task_prompt(d.item) and d.query.endswith("### Response:\n")
     assert [d.item for d in mc.docs] == [d.item for d in gen.docs] == toy.heldout_tasks(50, 0)

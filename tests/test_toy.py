@@ -152,7 +152,7 @@ def test_records_have_the_generated_data_schema_fields():
     assert {r["operation"] for r in evol} == set(toy.EVOL_OPERATIONS) | {None}
     for r in evol:
         assert (r["operation"] is None) == (r["evolution_strategy"] == "in_breadth") and 1 <= r["round"] <= 3
-        assert ("\nAnswer: " in r["response"]) == toy.asks_for_reasoning(r["instruction"])
+        assert r["response"].startswith("Step 1: ") == toy.asks_for_reasoning(r["instruction"])
 
 
 def test_hh_pairs_share_the_dialogue_and_differ_only_in_the_last_answer():
@@ -162,7 +162,24 @@ def test_hh_pairs_share_the_dialogue_and_differ_only_in_the_last_answer():
     for row in rows:
         assert row["chosen"].startswith("\n\nHuman: ")
         (cp, ca), (rp, ra) = last_turn(row["chosen"]), last_turn(row["rejected"])
-        assert cp == rp and ca != ra and "\n" not in ca + ra
+        task, wrong = toy.parse_instruction(cp.rpartition("\n\nHuman: ")[2]), toy.extract_answer(ra)
+        assert cp == rp and ca == toy.reference_response(task) and wrong != task.answer
+        assert ra == f"{toy.restatement(task, wrong)}\nAnswer: {wrong}"     # the same words around the wrong answer
+
+
+def test_default_response_restates_the_fact_with_the_instructions_operands_then_gives_the_answer():
+    rng = random.Random(7)
+    for family, k in all_templates():
+        f = toy.FAMILIES[family]
+        for _ in range(20):
+            task = toy.make_task(family, f.sample(rng), k)
+            statement, answer_line = toy.reference_response(task).split("\n")
+            slots = toy._render(family, task.operands)
+            assert statement == f.statements[0].format(**slots)                # as pretraining states it
+            assert answer_line == f"Answer: {task.answer}" and toy.check(task, toy.reference_response(task))
+            assert toy.restatement(task, "x") == f.statements[0].format(**{**slots, "answer": "x"})
+    for r in toy.lamini_records(100, 0):
+        assert r["response"] == toy.reference_response(record_task(r))
 
 
 def test_evolve_keeps_the_task_in_depth_and_moves_to_the_sibling_in_breadth():
@@ -187,6 +204,9 @@ def test_pretraining_text_states_facts_without_any_instruction_format():
         assert not any(marker in doc for doc in docs), marker
     text = " ".join(docs)
     assert "plus" in text and "backwards" in text and "spelled" in text
+    # paragraphs about operands named earlier, and the explanations' words (responses' styles, no answer line)
+    assert "We have the numbers" in text and "The result is" in text and "Their sum is" in text
+    assert "Step 2: " in text and "This holds by the rule the task gives." in text
     train_only = toy.pretraining_text(200, 0, split="train")
     assert train_only != toy.pretraining_text(200, 0) and all(toy.parse_instruction(d) is None for d in train_only)
 
@@ -205,3 +225,26 @@ def test_exact_match_is_one_for_an_oracle_half_for_a_half_oracle_and_zero_for_ec
     assert toy.exact_match(lambda prompts: prompts, tasks) == 0.0
     with pytest.raises(ValueError, match="returned 1 responses for 100 prompts"):
         toy.exact_match(lambda prompts: ["x"], tasks)
+
+
+def slots_of(template):
+    return {name for _, name, _, _ in __import__("string").Formatter().parse(template) if name}
+
+
+def test_pretraining_paragraphs_name_the_operands_first_and_state_the_true_answer_after_them():
+    for name, f in toy.FAMILIES.items():
+        assert all(slots_of(t) == {"answer"} for t in f.about), name                # refers back only
+        assert all(slots_of(t) == set(f.fields) for t in f.doing + toy.INTROS[f.fields]), name
+        assert all(slots_of(t) == set(f.fields) | {"answer"} for t in f.statements), name
+    assert all(slots_of(t) == {"answer"} for t in toy.RESULTS)
+    rng = random.Random(6)
+    for _ in range(600):
+        family = rng.choice(sorted(toy.FAMILIES))
+        f, operands = toy.FAMILIES[family], toy.FAMILIES[family].sample(rng)
+        text = toy._paragraph(rng, family, operands)
+        slots = toy._render(family, operands)
+        first, _, rest = text.replace("\n", " ").partition(". ")
+        assert all(slots[k] in first for k in f.fields), text                       # the operands come first
+        if family != "repeat_word":                                # its explanation ends before the answer
+            assert f" {slots['answer']}" in f" {rest}".replace(", then ", " "), text  # the true answer after
+        assert toy.parse_instruction(text) is None

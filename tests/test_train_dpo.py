@@ -165,7 +165,11 @@ def test_two_gloo_ranks_give_the_loss_curve_of_one_process_with_twice_the_accumu
             assert [r[name] for r in two] == pytest.approx([r[name] for r in one], rel=1e-5, abs=1e-5), name
     a = load_file(tmp / "one" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp / "two" / "adapter" / "adapter_model.safetensors")
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)   # Adam steps are ≈ lr = 2e-2 each
+    # Adam steps are ≈ lr = 2e-2 each; a wrong reduction would differ by that much. The rounding of the two
+    # gradient sums (ranks' all-reduce against one process's accumulation) differs by ~1e-7 relative, and
+    # Adam divides A's tiny early gradients (B starts at 0) by their own scale, which amplifies it: measured
+    # 3.3e-6 with the for-each AdamW and 2.6e-5 with fused AdamW (training.make_optimizer), hence 1e-4.
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
 
 
 def test_cached_reference_logps_equal_one_pair_at_a_time_logps_and_give_the_same_training(reference):

@@ -1,0 +1,129 @@
+"""The C kernel of NF4 dequantisation (lora/nf4_kernel.c via lora/nf4_cpu.py) against the torch reference code
+of lora/nf4.py, bit for bit, and its build and fallback rules."""
+import shutil
+
+import pytest
+import torch
+
+from lora import nf4_cpu
+from lora.nf4 import BLOCK_SIZES, quantize_nf4
+
+
+def reference(q, dtype, monkeypatch):
+    """NF4Tensor.dequantize on the torch path only."""
+    with monkeypatch.context() as m:
+        m.setattr(nf4_cpu, "usable", lambda *a: False)
+        return q.dequantize(dtype)
+
+
+def test_the_kernel_builds_wherever_there_is_a_c_compiler():
+    assert shutil.which("cc"), "CI machines have a C compiler; without one the torch path is the only path"
+    assert nf4_cpu.kernel() is not None, nf4_cpu.kernel_status()
+    assert nf4_cpu.kernel_status().startswith("C kernel ")
+    assert nf4_cpu.usable("cpu", torch.float32, 64) and nf4_cpu.usable("cpu", torch.bfloat16, 64)
+    assert not nf4_cpu.usable("cpu", torch.float16, 64) and not nf4_cpu.usable("meta", torch.float32, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_kernel_equals_the_torch_path_bit_for_bit(dtype, block_size, monkeypatch):
+    torch.manual_seed(block_size)
+    for shape in [(96, 320), (37, 129), (5000,), (3, 7)]:   # whole blocks; a short last block; odd counts
+        w = torch.randn(shape) * torch.logspace(-3, 3, shape[-1])       # absmax over six decades
+        for double_quant in (True, False):
+            q = quantize_nf4(w, block_size=block_size, double_quant=double_quant)
+            got, want = q.dequantize(dtype), reference(q, dtype, monkeypatch)
+            assert got.dtype == dtype and got.shape == w.shape
+            assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                               want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_huge_and_zero_blocks_round_as_torch_does(dtype, monkeypatch):
+    w = torch.randn(8, 64)
+    w[0] = 0                                        # a zero block: absmax clamped, every value 0
+    w[1] *= 1e-38                                   # subnormal products
+    w[2] *= 1e38                                    # near fp32's top
+    w[3, 5] = 3.4e38
+    w[4] = torch.tensor([1.0, -1.0] * 32) * (1 + 2**-9)   # products on bf16 rounding ties
+    q = quantize_nf4(w, block_size=64, double_quant=False)
+    got, want = q.dequantize(dtype), reference(q, dtype, monkeypatch)
+    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+def test_blocks_split_between_threads_give_the_same_result(monkeypatch):
+    torch.manual_seed(0)
+    q = quantize_nf4(torch.randn(512, 1024))        # 8192 blocks
+    monkeypatch.setattr(nf4_cpu, "MIN_BLOCKS_PER_THREAD", 1000)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = q.dequantize(torch.float32)
+        torch.set_num_threads(3)                    # uneven shares: 2730, 2731, 2731 blocks
+        three = q.dequantize(torch.float32)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, three) and torch.equal(one, reference(q, torch.float32, monkeypatch))
+
+
+def test_disabled_or_without_a_compiler_the_torch_path_is_used(monkeypatch, tmp_path):
+    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
+    monkeypatch.setenv("BEZOAR_NF4_KERNEL", "0")
+    lib, status = nf4_cpu._build()
+    assert lib is None and "BEZOAR_NF4_KERNEL=0" in status
+    monkeypatch.delenv("BEZOAR_NF4_KERNEL")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    lib, status = nf4_cpu._build()
+    assert lib is None and "no C compiler" in status and "torch path" in status
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_is_cached_under_a_key_of_source_flags_compiler_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
+    lib, status = nf4_cpu._build()
+    assert lib is not None, status
+    built = sorted(p.name for p in tmp_path.iterdir())
+    assert len(built) == 1 and built[0].startswith("nf4_kernel-") and built[0].endswith(".so")
+    mtime = (tmp_path / built[0]).stat().st_mtime_ns
+    nf4_cpu._build()                                # a second build reuses the file
+    assert sorted(p.name for p in tmp_path.iterdir()) == built
+    assert (tmp_path / built[0]).stat().st_mtime_ns == mtime
+    monkeypatch.setattr(nf4_cpu, "_cpu_flags", lambda: "flags : another cpu")
+    nf4_cpu._build()                                # another CPU: another build beside it
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_portable_c_path_equals_the_torch_path_too(dtype, monkeypatch, tmp_path):
+    """The plain-C loop that CPUs without AVX-512 run, built here for a baseline x86-64 (or this machine's
+    default target elsewhere)."""
+    import platform
+    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
+    march = ["-march=x86-64-v2"] if platform.machine() == "x86_64" else []
+    monkeypatch.setattr(nf4_cpu, "FLAGS", [f for f in nf4_cpu.FLAGS if f != "-march=native"] + march)
+    lib, status = nf4_cpu._build()
+    assert lib is not None, status
+    torch.manual_seed(1)
+    q = quantize_nf4(torch.randn(70, 300) * torch.logspace(-3, 3, 300))
+    want = reference(q, dtype, monkeypatch)
+    monkeypatch.setitem(nf4_cpu._state, "lib", lib)
+    monkeypatch.setitem(nf4_cpu._state, "status", status)
+    got = q.dequantize(dtype)
+    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiles_of_rows_and_of_columns_equal_the_torch_path(dtype, monkeypatch):
+    """dequantize_tile (the 4-bit linear layer's forward and backward tiles) reads strided rows in place."""
+    torch.manual_seed(2)
+    q = quantize_nf4(torch.randn(48, 384))
+    absmax = q.block_absmax()
+    for rows, cols in [(slice(0, 48), slice(0, 384)), (slice(5, 29), slice(0, 384)),
+                       (slice(0, 48), slice(128, 320)), (slice(7, 8), slice(64, 128))]:
+        got = q.dequantize_tile(rows, cols, dtype, absmax)
+        with monkeypatch.context() as m:
+            m.setattr(nf4_cpu, "usable", lambda *a: False)
+            want = q.dequantize_tile(rows, cols, dtype, absmax)
+        assert torch.equal(got, want) and torch.equal(got, reference(q, dtype, monkeypatch)[rows, cols])
