@@ -26,6 +26,9 @@ Two ways to compute the same numbers:
            so backward is one multiply by the incoming gradient and the logits are never recomputed:
            two lm_head matmuls per position (forward, ∂h) instead of three. Same numbers up to float
            rounding (tests/test_fast_paths.py). Without gradients (a reference pass) no ∂h is made.
+           All chunks run in one autograd node that reuses three C × V buffers (logits in h's dtype,
+           logits ≥ fp32, softmax) from chunk to chunk: fresh ones would be fresh pages each time
+           (see _FrozenHeadTokenLogps).
 
 Shapes: B batch, T tokens, D hidden, V vocab, N response tokens in the batch, C chunk rows.
 """
@@ -99,33 +102,53 @@ def _linear_token_logps(h, lm_head_weight, y):                            # [C, 
 
 
 class _FrozenHeadTokenLogps(torch.autograd.Function):
-    """log p(y) of C positions through a frozen lm_head; ∂/∂h is computed in forward (see the module
-    docstring) and scaled by the incoming gradient in backward.
+    """log p(y) of N positions through a frozen lm_head, C rows at a time; ∂/∂h is computed in forward
+    (see the module docstring) and scaled by the incoming gradient in backward.
 
     One softmax pass gives both: p = softmax(z) in at least fp32, log p(y) = log p[y] (a value below
     1e-30, where fp32 loses relative precision, is redone exactly as z[y] − logsumexp(z)), and
-    ∂ log p(y)/∂z = onehot(y) − p."""
+    ∂ log p(y)/∂z = onehot(y) − p.
+
+    Why one node for all chunks, with three [C, V] buffers reused by every chunk: a fresh C × V buffer
+    (32 MB at C = 256 in fp32, above glibc's mmap threshold) is new pages from the kernel each time, and
+    the page faults cost more than the work done in them (torch.profiler, bench/bench_sft_step.py shape:
+    softmax 20 ms per chunk in fresh memory, 5 ms in reused memory; this function's forward 200 → 110 ms
+    per step in bf16). The values are those of the per-chunk computation, operation for operation."""
 
     @staticmethod
-    def forward(ctx, h, lm_head_weight, y, need_grad):                     # [C, D], [V, D], [C]
-        z = F.linear(h, lm_head_weight)                                    # [C, V] in h's dtype
-        z = z.to(torch.promote_types(z.dtype, torch.float32))              # [C, V] ≥ fp32
-        p = torch.softmax(z, dim=-1)                                       # [C, V]
-        token_p = p.gather(-1, y[:, None]).squeeze(-1)                     # [C]
-        token_logps = token_p.log()                                        # [C]
-        tiny = (token_p < 1e-30).nonzero()[:, 0]                           # rows where p[y] has underflowed
-        if tiny.numel():
-            token_logps[tiny] = z[tiny, y[tiny]] - z[tiny].logsumexp(-1)
-        del z
-        if need_grad:
-            p.scatter_add_(-1, y[:, None], p.new_full((y.shape[0], 1), -1.0))   # p − onehot(y)
-            ctx.save_for_backward(torch.mm(p.to(h.dtype), lm_head_weight).neg_())  # [C, D] ∂ log p(y)/∂h
+    def forward(ctx, h, lm_head_weight, y, need_grad, chunk_size):            # [N, D], [V, D], [N]
+        (N, D), V = h.shape, lm_head_weight.shape[0]
+        C = max(1, min(chunk_size, N))
+        wide = torch.promote_types(h.dtype, torch.float32)                    # softmax dtype, ≥ fp32
+        z = h.new_empty(C, V)                                                 # [C, V] logits in h's dtype
+        z_wide = z if z.dtype == wide else torch.empty(C, V, dtype=wide)      # [C, V] the same, ≥ fp32
+        p = torch.empty(C, V, dtype=wide)                                     # [C, V] softmax
+        token_logps = torch.empty(N, dtype=wide)                              # [N]
+        dh = h.new_empty(N, D) if need_grad else None                         # [N, D] ∂ log p(y)/∂h
+        for i in range(0, N, C):
+            n = min(C, N - i)
+            zc, zw, pc, yc = z[:n], z_wide[:n], p[:n], y[i:i + n]             # [n, V] ×3, [n]
+            torch.mm(h[i:i + n], lm_head_weight.t(), out=zc)                  # z = h Wᵀ in h's dtype
+            if zw is not zc:
+                zw.copy_(zc)
+            torch.softmax(zw, dim=-1, out=pc)
+            token_p = pc.gather(-1, yc[:, None]).squeeze(-1)                  # [n]
+            torch.log(token_p, out=token_logps[i:i + n])
+            tiny = (token_p < 1e-30).nonzero()[:, 0]                          # rows where p[y] has underflowed
+            if tiny.numel():
+                token_logps[i + tiny] = zw[tiny, yc[tiny]] - zw[tiny].logsumexp(-1)
+            if need_grad:
+                pc.scatter_add_(-1, yc[:, None], pc.new_full((n, 1), -1.0))  # p − onehot(y)
+                if zc is not pc:
+                    zc.copy_(pc)                                              # in h's dtype (z is free now)
+                torch.mm(zc, lm_head_weight, out=dh[i:i + n]).neg_()         # [n, D]
+        ctx.save_for_backward(dh)
         return token_logps
 
     @staticmethod
-    def backward(ctx, grad):                                               # [C]
-        (dh,) = ctx.saved_tensors                                          # [C, D]
-        return (dh * grad[:, None]).to(dh.dtype), None, None, None          # [C, D]
+    def backward(ctx, grad):                                                   # [N]
+        (dh,) = ctx.saved_tensors                                              # [N, D]
+        return (dh * grad[:, None]).to(dh.dtype), None, None, None, None       # [N, D]
 
 
 def _response_token_logps_chunked(hidden, lm_head_weight, labels, chunk_size):
@@ -140,16 +163,14 @@ def _response_token_logps_chunked(hidden, lm_head_weight, labels, chunk_size):
     mask = targets != IGNORE_INDEX                                        # [B, T]
     rows = mask.nonzero()[:, 0]                                           # [N] batch row of each token
     h, y = hidden[mask], targets[mask]                                    # [N, D], [N]
-    N = y.shape[0]
-    # One empty chunk when N = 0, so the (empty) result stays connected to hidden's graph.
-    starts = range(0, max(N, 1), chunk_size)
-    if lm_head_weight.requires_grad and torch.is_grad_enabled():          # ∂W too: recompute in backward
-        pieces = [checkpoint(_linear_token_logps, h[i:i + chunk_size], lm_head_weight, y[i:i + chunk_size],
-                             use_reentrant=False) for i in starts]        # [C]
-    else:                                                                  # frozen head: ∂h in forward
+    if not (lm_head_weight.requires_grad and torch.is_grad_enabled()):     # frozen head: ∂h in forward
         need_grad = h.requires_grad and torch.is_grad_enabled()
-        pieces = [_FrozenHeadTokenLogps.apply(h[i:i + chunk_size], lm_head_weight.detach(),
-                                              y[i:i + chunk_size], need_grad) for i in starts]  # [C]
+        return _FrozenHeadTokenLogps.apply(h, lm_head_weight.detach(), y, need_grad, chunk_size), rows  # [N], [N]
+    # ∂W too: recompute each chunk in backward. One empty chunk when N = 0, so the (empty) result stays
+    # connected to hidden's graph.
+    starts = range(0, max(y.shape[0], 1), chunk_size)
+    pieces = [checkpoint(_linear_token_logps, h[i:i + chunk_size], lm_head_weight, y[i:i + chunk_size],
+                         use_reentrant=False) for i in starts]            # [C]
     return torch.cat(pieces), rows                                        # [N], [N]
 
 

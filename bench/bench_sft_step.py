@@ -36,7 +36,12 @@ A separate child measures one step of the OpenLLaMA 3B v2 shape (batch 1 × 512,
 checkpointing, the recipe's LoRA r 16 on q, k, v): peak RSS, goal ≤ 3.5 GB. Its random weights are made
 and quantised one tensor at a time, so the dense model never exists.
 
+--profile runs one more step in each child under torch.profiler and prints where its time goes: self CPU
+time of matmuls (with the in-step matmul GFLOP/s they achieve, against the 2048³ rate of the roofline),
+the fused attention kernels, dropout's random draws, all other operators, and Python/autograd.
+
     python bench/bench_sft_step.py [--rounds 2] [--steps 4] [--ckpt 8,4] [--no-peer] [--no-3b] [--dtypes fp32,bf16]
+                                   [--profile]
 """
 import argparse
 import json
@@ -80,6 +85,7 @@ def step_flops(c, B, T, r, targets=ALL_LINEAR):
     head = 2 * M * D * c.vocab_size
     L = c.num_hidden_layers
     return {"model": L * (block_fwd + block_bwd) + 2 * head, "recompute": L * block_fwd,
+            "recompute_attention": L * attn,
             "parts": {"linear": 2 * L * base, "lora": 3 * L * lora, "attention": 3 * L * attn, "lm_head": 2 * head}}
 
 
@@ -169,9 +175,34 @@ def batch(config, B, T, seed=1):
 
 # --- children --------------------------------------------------------------------------------------------
 
-def child_step(side, dtype_name, steps, warmup, ckpt):
+PROFILE_GROUPS = {   # torch.profiler operator name -> group (self CPU time); see profile_groups
+    "matmul": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "rng": ("aten::random_", "aten::bernoulli_", "aten::uniform_"),
+}
+
+
+def profile_groups(step):
+    """Run step() once under torch.profiler; its self CPU time in ms per group: matmul, attention (the
+    fused SDPA kernels), rng (dropout's random draws), aten (every other operator: elementwise, copies,
+    softmax, reductions), python (what no operator accounts for: autograd Functions' Python code, the
+    engine, module calls; the profiler's own per-operator cost lands here too)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    out = dict.fromkeys(["matmul", "attention", "rng", "aten", "python"], 0.0)
+    for e in prof.key_averages():
+        group = next((g for g, names in PROFILE_GROUPS.items() if e.key in names), None)
+        group = group or ("aten" if e.key.startswith("aten::") else "python")
+        out[group] += e.self_cpu_time_total / 1e3
+    return out
+
+
+def child_step(side, dtype_name, steps, warmup, ckpt, profiled=0):
     """Build one side, run warmup + steps SFT steps; report step times, first loss and peak RSS.
-    ckpt: checkpointed blocks (ours only; the peer checkpoints every layer)."""
+    ckpt: checkpointed blocks (ours only; the peer checkpoints every layer). profiled: then one more
+    step under torch.profiler (profile_groups), after the peak RSS is read."""
     dtype = DTYPES[dtype_name]
     config = SMALL
     t0 = time.perf_counter()
@@ -198,20 +229,25 @@ def child_step(side, dtype_name, steps, warmup, ckpt):
 
     rss_built = rss_bytes()
     times, cpu_times, losses = [], [], []
-    for i in range(warmup + steps):
-        t, c = time.perf_counter(), time.process_time()
+
+    def step():
         loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for i in range(warmup + steps):
+        t, c = time.perf_counter(), time.process_time()
+        losses.append(step())
         if i >= warmup:
             times.append(time.perf_counter() - t)
             cpu_times.append(time.process_time() - c)
-        losses.append(loss.item())
+    peak = peak_rss_bytes()
     return {"side": side, "dtype": dtype_name, "ckpt": ckpt, "times": times, "cpu_times": cpu_times,
             "first_loss": losses[0], "losses": losses,
-            "build_s": build_s, "rss_built": rss_built, "peak_rss": peak_rss_bytes(),
-            "trainable": sum(p.numel() for p in params)}
+            "build_s": build_s, "rss_built": rss_built, "peak_rss": peak,
+            "trainable": sum(p.numel() for p in params), "profile": profile_groups(step) if profiled else None}
 
 
 def child_3b():
@@ -254,11 +290,13 @@ def main():
     p.add_argument("--ckpt", default="8,4", help="ours: checkpointed blocks, one run each (8 = all, as the peer)")
     p.add_argument("--no-peer", action="store_true", help="ours only")
     p.add_argument("--no-3b", action="store_true", help="skip the OpenLLaMA 3B v2 shape step")
+    p.add_argument("--profile", action="store_true",
+                   help="one more step per child under torch.profiler: where the time goes (self CPU ms by group)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         what, *rest = args.child
-        result = child_3b() if what == "3b" else child_step(what, rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+        result = child_3b() if what == "3b" else child_step(what, rest[0], *map(int, rest[1:]))
         print(json.dumps(result))
         return
 
@@ -286,7 +324,7 @@ def main():
         for d in dtypes:
             rates[d].append(matmul_gflops(DTYPES[d]))
             for s, k in runs_list:
-                r = child(s, d, args.steps, args.warmup, k)
+                r = child(s, d, args.steps, args.warmup, k, int(args.profile))
                 runs[(s, k, d)].append(r)
                 print(f"  round {rnd + 1} {s:4} ckpt {k}/{L} {d}: step s " + " ".join(f"{t:.2f}" for t in r["times"])
                       + " (CPU s " + " ".join(f"{t:.2f}" for t in r["cpu_times"]) + f"), first loss "
@@ -316,6 +354,22 @@ def main():
                       f"{(o['peak'] - q['peak']) / 2**20:+.0f} MiB")
         print("(first losses differ: bitsandbytes' CPU dequantize_4bit scales rows of 1376 values, not a multiple "
               "of 64, with the wrong absmax; see the docstring)")
+
+    if args.profile:
+        print(f"\nwhere one step's time goes (torch.profiler, self CPU ms, first round; see profile_groups). In-step "
+              f"matmul GFLOP/s = the matmul FLOPs (all but attention, recomputation included) / matmul time:")
+        print(f"{'dtype':5} {'side':5} {'ckpt':>4} {'matmul':>14} {'in-step GF/s':>12} {'attention':>13} {'rng':>12} "
+              f"{'other aten':>13} {'python':>12} {'total':>7}")
+        for d in dtypes:
+            for s, k in runs_list:
+                prof = runs[(s, k, d)][0]["profile"]
+                total = sum(prof.values())
+                mm_flops = (flops["model"] - flops["parts"]["attention"]
+                            + (flops["recompute"] - flops["recompute_attention"]) * k / L)
+                cells = [f"{prof[g]:6.0f} ({100 * prof[g] / total:4.1f}%)" for g in ("matmul", "attention", "rng",
+                                                                                     "aten", "python")]
+                print(f"{d:5} {s:5} {k:>2}/{L} {cells[0]:>14} {mm_flops / prof['matmul'] / 1e6:12.0f} {cells[1]:>13} "
+                      f"{cells[2]:>12} {cells[3]:>13} {cells[4]:>12} {total:7.0f}")
 
     if not args.no_3b:
         r = child("3b")

@@ -22,8 +22,41 @@ from torch.utils.checkpoint import checkpoint
 from model.config import LlamaConfig
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with its gradient written out (forward: the same operations as forward_reference, value
+    for value).
+        r = 1 / sqrt(mean(x²) + eps)  [..., 1] fp32      x̂ = x r  fp32      y = w ⊙ x̂ (x̂ rounded to x's dtype)
+    backward, with g = (∂y ⊙ w) in fp32 (the rounding of x̂ is the identity for gradients, as autograd
+    treats a cast), D the last dim:
+        ∂x = r g − r³ x · Σ_d(g x) / D  = r (g − x̂ mean(g x̂))         ∂w = Σ over rows of ∂y ⊙ x̂
+    It keeps x (alive anyway: the residual stream) and r, not the fp32 x̂ and x² that autograd through
+    the composition keeps, and makes ∂x in four passes over [.., D] instead of autograd's dozen
+    (bench shape, bf16 [1024, 512]: forward + backward 3.2 → 2.2 ms, 16 backward calls a step)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):                               # [..., D], [D]
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)     # [..., 1]
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):                                      # [..., D]
+        x, weight, r = ctx.saved_tensors
+        xf = x.float()                                              # [..., D]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            g = (grad_y * weight).float()                           # [..., D]
+            gx = torch.linalg.vecdot(g, xf).unsqueeze(-1)           # [..., 1] Σ_d g x
+            grad_x = g.addcmul_(xf, r.square().mul_(gx).div_(-x.shape[-1])).mul_(r).to(x.dtype)
+        if ctx.needs_input_grad[1]:                                 # a trained norm (train_base.py)
+            grad_w = (grad_y * (xf * r).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · weight, computed in fp32 whatever the input dtype."""
+    """y = x / sqrt(mean(x²) + eps) · weight, computed in fp32 whatever the input dtype
+    (forward_reference: the plain composition; forward: RMSNormFunction, the same values)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -31,6 +64,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):                                           # [..., D]
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+    def forward_reference(self, x):                                 # [..., D]
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

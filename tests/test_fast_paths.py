@@ -14,7 +14,7 @@ from losses import IGNORE_INDEX, sequence_logps, sequence_logps_chunked, sft_los
 from lora import apply_lora
 from lora.layers import Linear4bit, LoRALinear, dropout_keep_mask
 from model.config import PRESETS
-from model.llama import Llama
+from model.llama import Llama, RMSNorm
 
 
 def rand(*shape, seed=0, dtype=torch.float32, scale=1.0):
@@ -206,6 +206,43 @@ def test_frozen_head_loss_in_bf16_is_close_to_the_plain_loss_and_fp32():
     fast.sum().backward()
     assert h2.grad.dtype == torch.bfloat16
     torch.testing.assert_close(h2.grad.float(), h1.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+# --- RMSNorm's hand-written backward ---
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_function_equals_the_composition_and_its_autograd(dtype):
+    """Forward: the same operations, so the same bits. Gradients (∂x, and ∂w for a trained norm): another
+    grouping of the same sums; fp32 1e-5 relative; bf16: autograd rounds ∂y ⊙ w and each product to bf16
+    on its own path, so one bf16 rounding of the values' scale, 2e-2."""
+    norm = RMSNorm(48, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(rand(48, seed=1, dtype=dtype) + 1)
+    x, g = rand(3, 5, 48, seed=2, dtype=dtype, scale=3), rand(3, 5, 48, seed=3, dtype=dtype)
+    out = {}
+    for fn in (norm, norm.forward_reference):
+        xi = x.clone().requires_grad_()
+        norm.weight.grad = None
+        y = fn(xi)
+        y.backward(g)
+        out[fn] = (y.detach(), xi.grad, norm.weight.grad)
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = out[norm], out[norm.forward_reference]
+    assert torch.equal(y, y_ref)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in ((dx, dx_ref), (dw, dw_ref)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_rmsnorm_function_gradcheck():
+    """Against finite differences. RMSNorm computes in fp32 even for fp64 inputs (as transformers does),
+    so the differences are taken with eps 1e-3 and compared at 1e-3 (fp32 rounding / eps ≈ 1e-4)."""
+    norm = RMSNorm(6, eps=1e-3).double()
+    with torch.no_grad():
+        norm.weight.copy_(rand(6, seed=4, dtype=torch.float64))
+    x = rand(2, 3, 6, seed=5, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,)),
+                                    (x, norm.weight.detach().clone().requires_grad_()), eps=1e-3, atol=1e-3, rtol=1e-3)
 
 
 # --- activation checkpointing with NF4 + LoRA ---
