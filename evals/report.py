@@ -59,8 +59,21 @@ def checkpoints(sft_run, dpo_run):
     found.append(("dpo", os.path.join(dpo_run, "merged")))
     missing = [folder for _, folder in found if not os.path.isdir(folder)]
     if missing:
-        raise SystemExit(f"evaluate.py report: missing checkpoint(s) {', '.join(missing)}; run make sft dpo first")
+        raise SystemExit(f"evaluate.py report: {len(missing)} of {len(found)} checkpoints missing: "
+                         f"{', '.join(missing)}; run make sft dpo first")
+    for _, folder in found:                             # checked before any is scored: fail in seconds
+        for file in ("config.json", "tokenizer.model"):
+            if not os.path.isfile(os.path.join(folder, file)):
+                raise SystemExit(f"{os.path.join(folder, file)}: not found (expected a Hugging Face checkpoint "
+                                 "folder with config.json, the weights and tokenizer.model)")
     return found, cfg
+
+
+def replace_synced(tmp, path):
+    """Flush `tmp` to disk, then rename it over `path`: a reader sees the old file or the new one, whole."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_metrics(path):
@@ -103,7 +116,7 @@ def plot(out_png, curves, table, names):
     fig.tight_layout()
     fig.savefig(out_png + ".tmp.png", dpi=100)
     plt.close(fig)
-    os.replace(out_png + ".tmp.png", out_png)
+    replace_synced(out_png + ".tmp.png", out_png)
 
 
 def markdown(table, names):
@@ -164,5 +177,5 @@ def main(argv=None):
                        (os.path.join(args.out, "results.md"), md + "\n")):
         with open(path + ".tmp", "w") as f:
             f.write(text)
-        os.replace(path + ".tmp", path)
+        replace_synced(path + ".tmp", path)
     print(f"wrote {args.out}/results.json, results.md, report.png")

@@ -15,6 +15,7 @@ from lora import apply_lora
 from lora.layers import Linear4bit, LoRALinear, dropout_keep_mask
 from model.config import PRESETS
 from model.llama import Llama, RMSNorm
+from test_losses import random_batch
 
 
 def rand(*shape, seed=0, dtype=torch.float32, scale=1.0):
@@ -147,21 +148,11 @@ def test_keeping_the_dequantised_weight_gives_the_gradients_of_dequantising_agai
 
 # --- the loss through a frozen lm_head ---
 
-def loss_batch(B=3, T=9, V=11, D=6, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, D, generator=g, dtype=dtype)
-    weight = torch.randn(V, D, generator=g, dtype=dtype)
-    ids = torch.randint(0, V, (B, T), generator=g)
-    labels = torch.full((B, T), IGNORE_INDEX)
-    for b, (start, end) in enumerate([(2, 6), (4, T), (1, 3)][:B]):
-        labels[b, start:end] = ids[b, start:end]
-    return hidden, weight, labels
-
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 256])
 def test_frozen_head_loss_and_its_gradient_equal_the_plain_loss(chunk_size):
     """lm_head weight without requires_grad: ∂h is made in forward. fp64, 1e-12."""
-    hidden, weight, labels = loss_batch()
+    hidden, weight, labels = random_batch()
     for plain_fn, chunked_fn in [(sft_loss, sft_loss_chunked), (sequence_logps, sequence_logps_chunked)]:
         h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
         plain = plain_fn(F.linear(h1, weight), labels)
@@ -175,7 +166,7 @@ def test_frozen_head_loss_and_its_gradient_equal_the_plain_loss(chunk_size):
 
 
 def test_frozen_head_loss_gradcheck_in_float64():
-    hidden, weight, labels = loss_batch(B=2, T=5, V=4, D=3)
+    hidden, weight, labels = random_batch(B=2, T=5, V=4, D=3)
     assert torch.autograd.gradcheck(lambda h: sequence_logps_chunked(h, weight, labels, chunk_size=2),
                                     (hidden.requires_grad_(),))
 
@@ -183,7 +174,7 @@ def test_frozen_head_loss_gradcheck_in_float64():
 def test_frozen_head_loss_is_exact_where_the_target_probability_underflows():
     """A target 200 nats below the rest: softmax gives p = 0 in fp32, log p = −inf; the fallback returns
     z[y] − logsumexp(z), equal to the fp64 plain value to fp32 rounding."""
-    hidden, weight, labels = loss_batch(B=1, T=4, V=5, D=5, dtype=torch.float32)
+    hidden, weight, labels = random_batch(B=1, T=4, V=5, D=5, dtype=torch.float32)
     labels[0] = torch.tensor([IGNORE_INDEX, 2, 3, 1])
     hidden[0, 0] = 0
     hidden[0, 0, 2] = -200.0                                    # z = h Wᵀ with W = I: target 2 at −200
@@ -195,7 +186,7 @@ def test_frozen_head_loss_is_exact_where_the_target_probability_underflows():
 
 
 def test_frozen_head_loss_in_bf16_is_close_to_the_plain_loss_and_fp32():
-    hidden, weight, labels = loss_batch(dtype=torch.float32)
+    hidden, weight, labels = random_batch(dtype=torch.float32)
     hidden, weight = hidden.bfloat16(), weight.bfloat16()
     h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     plain = sequence_logps(F.linear(h1, weight), labels)

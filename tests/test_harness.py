@@ -18,15 +18,7 @@ from model.sampling import generate
 from tiny_checkpoints import tiny_hf_model, write_checkpoint
 
 DATA = T.default_data_dir()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared: two spinning OpenMP threads slow a tiny model twenty-fold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")

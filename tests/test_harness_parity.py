@@ -24,9 +24,9 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend  
 
 from evals import harness, tasks as T                                            # noqa: E402
 from model import Tokenizer, load_pretrained, train_tokenizer                    # noqa: E402
-from test_harness import one_thread  # noqa: E402,F401 (autouse: one torch thread in this module too)
 from tiny_checkpoints import tiny_hf_model, write_checkpoint                     # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: one torch thread
 DATA = T.default_data_dir()
 LM_EVAL_TASKS = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
 SHOTS = {"arc_easy": 2, "mmlu_astronomy": 2, "truthfulqa_mc2": 0, "truthfulqa_mc1": 0, "boolq": 1, "piqa": 2,

@@ -8,22 +8,19 @@ prompts, by plain text substitution; the scores; the means, in exact fractions) 
 files alone. (The data has no published judgment file, hence no published MT-Bench figure to compare with.)"""
 import hashlib
 import json
-import os
-from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
-import torch
 
 import evaluate
 import evals.mt_bench as mt
 from chat_api import ChatClient
-from data import toy
 from data.hh import dialogue_prompt
 from data.template import format_prompt
 from evals.mt_bench_judge import judge_answers, parse_rating, read_judge_prompts, summarize
-from model import PRESETS, Llama, Tokenizer, save_pretrained, train_tokenizer
+from micro_model import micro_model
+from model import Tokenizer
 from model.sampling import generate
 from tests.http_fixtures import FakeChatServer
 
@@ -208,16 +205,7 @@ def test_show_figures_on_the_real_answers_equal_an_independent_recomputation(tmp
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     """A random 2-layer LLaMA (hidden 64) and a 384-piece toy tokenizer, as a Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("micro")
-    train_tokenizer(toy.pretraining_text(300, 0), folder / "tokenizer", vocab_size=384)
-    tok = Tokenizer(folder / "tokenizer.model")
-    config = replace(PRESETS["tiny"], vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                     max_position_embeddings=1024)
-    model = Llama(config)
-    model.init_weights(seed=0)
-    save_pretrained(model, str(folder))
-    return folder
+    return micro_model(tmp_path_factory.mktemp("micro"), max_position_embeddings=1024)[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,9 @@ accumulation; cached reference log-probs equal independently computed ones and g
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -21,28 +20,18 @@ from data.hh import hh_pairs
 from data.template import format_prompt
 from lora import load_adapter
 from losses import sequence_logps
-from model import PRESETS, Llama, Tokenizer, train_tokenizer
-from model.loading import load_pretrained, save_pretrained
+from micro_model import ENV, REPO, micro_model, run_script
+from model import Tokenizer
+from model.loading import load_pretrained
 from train_dpo import METRICS, DPOConfig, main, rpo_term
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}      # one thread per process (see tests/test_train_sft.py)
 
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     """A random 2-layer LLaMA (hidden 64) with a 512-piece tokenizer trained on toy text and templated toy
     prompts (so that a toy pair is ~100 tokens): the 'SFT model'."""
-    folder = tmp_path_factory.mktemp("start")
     texts = toy.pretraining_text(300, 0) + [format_prompt(t.instruction, t.input) for t in toy.heldout_tasks(300, 5)]
-    train_tokenizer(texts, folder / "tokenizer", vocab_size=512)
-    tok = Tokenizer(folder / "tokenizer.model")
-    config = replace(PRESETS["tiny"], vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    model = Llama(config)
-    model.init_weights(seed=0)
-    save_pretrained(model, str(folder))
-    return folder
+    return micro_model(tmp_path_factory.mktemp("start"), texts, vocab_size=512)[0]
 
 
 def micro_toml(tmp, start, **top):
@@ -57,17 +46,7 @@ def micro_toml(tmp, start, **top):
     return path
 
 
-def run_dpo(*args, kill_at=None):
-    """Run train_dpo.py in a subprocess; kill_at: a log-line prefix ("step=4") on which to send SIGTERM."""
-    proc = subprocess.Popen([sys.executable, "-u", "train_dpo.py", *map(str, args)], cwd=REPO, env=ENV,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        if kill_at and line.startswith(kill_at + " "):
-            proc.send_signal(signal.SIGTERM)
-            kill_at = None
-    return proc.wait(timeout=120), "".join(out)
+run_dpo = partial(run_script, "train_dpo.py")   # (return code, output); kill_at=log-line prefix ("step=4")
 
 
 def records(run_dir, kind="loss"):

@@ -3,42 +3,27 @@ that load; a run killed by SIGTERM and resumed equals the uninterrupted run bit 
 the loss curve of one process with twice the accumulation; configs reject unknown keys."""
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from config import load_config
-from data import toy
 from lora import load_adapter
-from model import PRESETS, Llama, Tokenizer, train_tokenizer
-from model.loading import load_pretrained, save_pretrained
+from micro_model import ENV, REPO, micro_model, run_script
+from model.loading import load_pretrained
 from train_sft import SFTConfig, main, micro_batches
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("lamini", "hh_rlhf")
-# One thread per process: the micro model gains nothing from more, and two spinning OpenMP threads on a
-# busy machine slow every step several-fold (torchrun sets the same for its ranks).
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A random 2-layer LLaMA (hidden 64) with a 384-piece tokenizer trained on toy text, as a HF folder."""
-    folder = tmp_path_factory.mktemp("base")
-    train_tokenizer(toy.pretraining_text(300, 0), folder / "tokenizer", vocab_size=384)
-    tok = Tokenizer(folder / "tokenizer.model")
-    config = replace(PRESETS["tiny"], vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    model = Llama(config)
-    model.init_weights(seed=0)
-    save_pretrained(model, str(folder))
-    return folder
+    return micro_model(tmp_path_factory.mktemp("base"))[0]
 
 
 def micro_toml(tmp, base, stages=STAGES, **top):
@@ -57,18 +42,7 @@ def micro_toml(tmp, base, stages=STAGES, **top):
     return path
 
 
-def run_sft(*args, kill_at=None):
-    """Run train_sft.py in a subprocess (it sets process-wide torch flags). kill_at: a log-line prefix such
-    as "stage=lamini step=4"; on seeing it, send SIGTERM. Returns (return code, output)."""
-    proc = subprocess.Popen([sys.executable, "-u", "train_sft.py", *map(str, args)], cwd=REPO, env=ENV,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        if kill_at and line.startswith(kill_at + " "):
-            proc.send_signal(signal.SIGTERM)
-            kill_at = None
-    return proc.wait(timeout=120), "".join(out)
+run_sft = partial(run_script, "train_sft.py")   # (return code, output); kill_at=log-line prefix
 
 
 def losses(run_dir):
