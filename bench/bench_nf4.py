@@ -113,14 +113,22 @@ def bench_dequantize(reps):
         print(f"   {str(dtype)[6:]:<9} {t['bnb'][0]*1e3:9.1f} ({t['bnb'][1]*1e3:6.1f}) {t['ours'][0]*1e3:9.1f} "
               f"({t['ours'][1]*1e3:6.1f}) {t['ours'][0]/t['bnb'][0]:9.2f} {gv(t['bnb'][0]):9.2f} {gv(t['ours'][0]):10.2f}")
     # Where the time goes: both sides return a fresh tensor, and the first touch of its pages (the kernel's
-    # page faults) is a fixed cost; the rest is the dequantisation proper, timed here into a reused buffer.
+    # page faults) is a large fixed cost, smaller with 2 MiB pages; the rest is the dequantisation proper,
+    # timed here into a reused buffer.
     from lora import nf4_cpu
     from lora.nf4 import NF4_CODE
-    print("   where ours goes, ms (median): a fresh output touched once (torch.empty + fill_) | the decoding of "
-          "the double-quantised absmax | the kernel into a reused buffer | the torch path (no kernel)")
+    print("   where ours goes, ms (median): a fresh output touched once (torch.empty + fill_) | the same with huge "
+          "pages asked for (nf4_cpu.advise_huge_pages, as dequantize does) | the decoding of the double-quantised "
+          "absmax | the kernel into a reused buffer | the torch path (no kernel)")
+
+    def fresh_huge(dtype):
+        t = torch.empty(N_OUT, N_IN, dtype=dtype)
+        nf4_cpu.advise_huge_pages(t)
+        return t.fill_(0)
     for dtype in (torch.float32, torch.bfloat16):
         buf, absmax = torch.empty(q.numel // 64, 64, dtype=dtype), q.block_absmax()
-        fns = {"fresh": lambda: torch.empty(N_OUT, N_IN, dtype=dtype).fill_(0), "absmax": q.block_absmax}
+        fns = {"fresh": lambda: torch.empty(N_OUT, N_IN, dtype=dtype).fill_(0), "huge": lambda: fresh_huge(dtype),
+               "absmax": q.block_absmax}
         if nf4_cpu.usable("cpu", dtype, 64):
             fns["kernel"] = lambda: nf4_cpu.dequantize_blocks(buf, q.packed.view(-1, 32), absmax[:, None], NF4_CODE)
         t = interleaved(fns, reps)
@@ -130,7 +138,8 @@ def bench_dequantize(reps):
         finally:
             nf4_cpu.usable = old_usable
         kernel = f"{t['kernel'][0]*1e3:.1f}" if "kernel" in t else "(no kernel)"
-        print(f"   {str(dtype)[6:]:<9} {t['fresh'][0]*1e3:.1f} | {t['absmax'][0]*1e3:.1f} | {kernel} | {torch_path*1e3:.1f}")
+        print(f"   {str(dtype)[6:]:<9} {t['fresh'][0]*1e3:.1f} | {t['huge'][0]*1e3:.1f} | {t['absmax'][0]*1e3:.1f} | "
+              f"{kernel} | {torch_path*1e3:.1f}")
 
 
 def bench_layers(reps, profile):

@@ -174,6 +174,7 @@ class NF4Tensor:
         out = torch.empty(nb, bs, dtype=dtype, device=self.device)
         absmax = self.block_absmax()
         if nf4_cpu.usable(self.device, dtype, bs):     # the one-pass C kernel, same values (lora/nf4_cpu.py)
+            nf4_cpu.advise_huge_pages(out)              # before the first touch: fewer page faults
             full = n // bs                              # whole blocks as rows of one block each
             nf4_cpu.dequantize_blocks(out[:full], packed[:full * bs // 2].view(full, bs // 2),
                                       absmax[:full, None], NF4_CODE)

@@ -127,3 +127,17 @@ def test_tiles_of_rows_and_of_columns_equal_the_torch_path(dtype, monkeypatch):
             m.setattr(nf4_cpu, "usable", lambda *a: False)
             want = q.dequantize_tile(rows, cols, dtype, absmax)
         assert torch.equal(got, want) and torch.equal(got, reference(q, dtype, monkeypatch)[rows, cols])
+
+
+def test_huge_pages_are_asked_for_the_aligned_inside_of_large_cpu_tensors_only():
+    import sys
+    small, big = torch.empty(1000), torch.empty(10 << 20)                   # 4 KB, 40 MiB
+    assert nf4_cpu.advise_huge_pages(small) == 0
+    advised = nf4_cpu.advise_huge_pages(big)
+    if sys.platform.startswith("linux"):
+        h = nf4_cpu.HUGE_PAGE
+        assert advised % h == 0 and big.numel() * 4 - 2 * h <= advised <= big.numel() * 4
+    else:
+        assert advised == 0
+    big.fill_(1.5)                                                           # still ordinary memory
+    assert big.sum().item() == 1.5 * big.numel()
