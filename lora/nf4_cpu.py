@@ -126,9 +126,10 @@ def advise_huge_pages(t: torch.Tensor) -> int:
     end = (t.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
     if end <= start:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return end - start if libc.madvise(start, end - start, MADV_HUGEPAGE) == 0 else 0
+    if "libc" not in _state:
+        _state["libc"] = ctypes.CDLL(None, use_errno=True)                  # the process's own C library
+        _state["libc"].madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return end - start if _state["libc"].madvise(start, end - start, MADV_HUGEPAGE) == 0 else 0
 
 
 def dequantize_blocks(out, packed, absmax, level):
