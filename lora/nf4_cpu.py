@@ -42,6 +42,18 @@ _state = {"lib": None, "status": None}
 _pool = {"threads": 0, "executor": None}
 
 
+def _after_fork_in_child():
+    """A forked child has none of its parent's threads: a fresh lock and pool (else the first map() waits
+    forever for workers that do not exist)."""
+    global _lock
+    _lock = threading.Lock()
+    _pool.update(threads=0, executor=None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:

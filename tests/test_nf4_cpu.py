@@ -141,3 +141,26 @@ def test_huge_pages_are_asked_for_the_aligned_inside_of_large_cpu_tensors_only()
         assert advised == 0
     big.fill_(1.5)                                                           # still ordinary memory
     assert big.sum().item() == 1.5 * big.numel()
+
+
+def test_a_forked_child_dequantizes_with_threads_after_its_parent_did(monkeypatch):
+    """The thread pool does not survive fork(): the child makes its own instead of waiting on the parent's."""
+    import multiprocessing as mp
+    monkeypatch.setattr(nf4_cpu, "MIN_BLOCKS_PER_THREAD", 16)
+    torch.manual_seed(3)
+    q = quantize_nf4(torch.randn(64, 1024))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = q.dequantize(torch.float32)                      # the parent's pool now exists
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(_dequantize_in_child, (q,)).get(timeout=60)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(got, want)
+
+
+def _dequantize_in_child(q):
+    torch.set_num_threads(2)
+    return q.dequantize(torch.float32)
