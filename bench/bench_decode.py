@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from bench.machine import matmul_gflops, peak_rss_bytes, run_json
+from bench.machine import matmul_gflops, peak_rss_bytes, run_child, run_json
 from model.config import config_to_dict
 from model.loading import load_pretrained
 from model.sampling import generate
@@ -104,7 +104,7 @@ def main():
           f"{'prefill ours/peer s':>19} {'same tokens':>11} {'peak RSS GB':>11}")
     results = []
     for dtype in args.dtypes.split(","):
-        r = run_json([sys.executable, __file__, "--child", folder, dtype, str(args.layers)])
+        r = run_child(__file__, folder, dtype, args.layers)
         r["matmul_gflops"] = rates
         results.append(r)
         o, t = r["ours"], r["transformers"]

@@ -42,7 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see bench_nf4.py: busy
 import torch  # noqa: E402
 
 from bench.bench_sft_step import ALL_LINEAR, DTYPES, R, SMALL, build_ours, build_peer  # noqa: E402
-from bench.machine import describe, matmul_gflops, peak_rss_bytes, run_json  # noqa: E402
+from bench.machine import describe, matmul_gflops, peak_rss_bytes, run_child  # noqa: E402
 
 PAIRS, PROMPT, RESPONSE = 4, 128, 128                  # rows of PROMPT + RESPONSE = 256 tokens
 BETA, MAX_GRAD_NORM, LR = 0.1, 1.0, 5e-5
@@ -165,10 +165,6 @@ def child_trl(dtype_name, steps, warmup):
 
 # --- report --------------------------------------------------------------------------------------------
 
-def child(*args):
-    return run_json([sys.executable, os.path.abspath(__file__), "--child", *map(str, args)])
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of children per dtype")
@@ -199,7 +195,7 @@ def main():
         for d in dtypes:
             rates[d].append(matmul_gflops(DTYPES[d]))
             for s in sides:
-                r = child(s, d, args.steps, args.warmup)
+                r = run_child(__file__, s, d, args.steps, args.warmup)
                 runs[(s, d)].append(r)
                 first = r["first"]
                 print(f"  round {rnd + 1} {s:7} {d}: step s " + " ".join(f"{t:.2f}" for t in r["times"])

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from bench.machine import describe, peak_rss_bytes, run_json
+from bench.machine import describe, peak_rss_bytes, run_child
 
 SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=2048)
@@ -128,9 +128,8 @@ def main():
         side = {}
         for _ in range(args.rounds):            # taking turns, so a busy spell on the machine hits both
             for name in ("lm-eval-hf", "bezoar"):
-                r = run_json([sys.executable, os.path.abspath(__file__), "--child", name, "--folder", folder,
-                              "--limit", str(args.limit), "--shots", str(shots), "--batch-size", str(args.batch_size),
-                              "--threads", str(args.threads)])
+                r = run_child(__file__, name, "--folder", folder, "--limit", args.limit, "--shots", shots,
+                              "--batch-size", args.batch_size, "--threads", args.threads)
                 best = side.setdefault(name, dict(r, all_seconds=[]))
                 best["all_seconds"].append(r["seconds"])
                 if r["seconds"] < best["seconds"]:

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from bench.machine import matmul_gflops, peak_rss_bytes, rss_bytes, run_json
+from bench.machine import matmul_gflops, peak_rss_bytes, rss_bytes, run_child
 from lora.layers import Linear4bit
 from model.config import PRESETS
 from model.llama import Llama
@@ -74,10 +74,6 @@ def measure_load(folder: str, dtype: str, quantize: str = "none"):
             "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")}
 
 
-def child(args):
-    return run_json([sys.executable, os.path.abspath(__file__), "--child", *args])
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
@@ -98,14 +94,14 @@ def main():
     st = os.path.join(args.out, "openllama-3b-v2-random-fp16")
     results = {"matmul_gflops": rates, "loads": []}
     if not os.path.exists(os.path.join(st, "config.json")):
-        r = child(["write", st])
+        r = run_child(__file__, "write", st)
         print(f"wrote {st}: {r['seconds']:.0f} s, peak RSS {r['peak_rss'] / GB:.2f} GB")
         results["write"] = r
     folders = {"safetensors": st}
     if args.bin:
         folders["bin"] = os.path.join(args.out, "openllama-3b-v2-random-fp16-bin")
         if not os.path.exists(os.path.join(folders["bin"], "pytorch_model.bin")):
-            child(["write-bin", st, folders["bin"]])
+            run_child(__file__, "write-bin", st, folders["bin"])
 
     cases = [(layout, folder, dtype, "none", cache) for layout, folder in folders.items()
              for dtype in args.dtypes.split(",") for cache in ("cold", "warm")]
@@ -116,7 +112,7 @@ def main():
     for layout, folder, dtype, quantize, cache in cases:
         if cache == "cold":
             evict(folder)
-        r = child(["load", folder, dtype, quantize])
+        r = run_child(__file__, "load", folder, dtype, quantize)
         r.update(layout=layout, cache=cache, requested=dtype, quantize=quantize,
                  peak_over_model=r["peak_rss"] / r["model_bytes"],
                  growth_over_model=(r["peak_rss"] - r["rss_before"]) / r["model_bytes"])

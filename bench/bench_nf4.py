@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench.machine import describe, peak_rss_bytes, rss_bytes, run_json  # noqa: E402
+from bench.machine import describe, peak_rss_bytes, rss_bytes, run_child  # noqa: E402
 
 N_OUT, N_IN = 8640, 3200          # gate/up: 3200 → 8640; down: 8640 → 3200
 TOKENS = (4, 256)
@@ -196,7 +196,7 @@ def child_3b_model():
 
 
 def bench_3b_model():
-    r = run_json([sys.executable, os.path.abspath(__file__), "--child", "3b"])
+    r = run_child(__file__, "3b")
     total = r["nf4_bytes"] + r["dense_bytes"]
     print(f"\n5. OpenLLaMA 3B v2 shape in NF4, built from random bf16 tensors one at a time: {total / 1e9:.2f} GB "
           f"resident model ({r['nf4_bytes'] / 1e9:.2f} GB NF4 projections + {r['dense_bytes'] / 1e9:.2f} GB bf16 "
@@ -222,7 +222,7 @@ def bench_quantize_rss():
     print(f"\n4. peak RSS while quantising one fp16 {N_OUT} x {N_IN} tensor ({N_OUT*N_IN*2/2**20:.0f} MiB; its "
           f"NF4 form is {N_OUT*N_IN*4.127/8/2**20:.0f} MiB), above the RSS with the tensor alone, fresh subprocess each")
     for which in ("ours", "bnb"):
-        extra = run_json([sys.executable, os.path.abspath(__file__), "--child", which])["extra_bytes"]
+        extra = run_child(__file__, which)["extra_bytes"]
         print(f"   {which:<5} +{extra/2**20:7.0f} MiB")
 
 

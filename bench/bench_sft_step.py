@@ -56,7 +56,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see bench_nf4.py: busy
 
 import torch  # noqa: E402
 
-from bench.machine import describe, matmul_gflops, peak_rss_bytes, rss_bytes, run_json  # noqa: E402
+from bench.machine import describe, matmul_gflops, peak_rss_bytes, rss_bytes, run_child  # noqa: E402
 from model.config import PRESETS  # noqa: E402
 
 SMALL = replace(PRESETS["openllama-3b-v2"], hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
@@ -275,10 +275,6 @@ def child_3b():
             "peak_rss": peak_rss_bytes(), "step_flops": step_flops(config, 1, 512, 16, ("q_proj", "k_proj", "v_proj"))}
 
 
-def child(*args):
-    return run_json([sys.executable, os.path.abspath(__file__), "--child", *map(str, args)])
-
-
 # --- report ----------------------------------------------------------------------------------------------
 
 def main():
@@ -324,7 +320,7 @@ def main():
         for d in dtypes:
             rates[d].append(matmul_gflops(DTYPES[d]))
             for s, k in runs_list:
-                r = child(s, d, args.steps, args.warmup, k, int(args.profile))
+                r = run_child(__file__, s, d, args.steps, args.warmup, k, int(args.profile))
                 runs[(s, k, d)].append(r)
                 print(f"  round {rnd + 1} {s:4} ckpt {k}/{L} {d}: step s " + " ".join(f"{t:.2f}" for t in r["times"])
                       + " (CPU s " + " ".join(f"{t:.2f}" for t in r["cpu_times"]) + f"), first loss "
@@ -356,8 +352,8 @@ def main():
               "of 64, with the wrong absmax; see the docstring)")
 
     if args.profile:
-        print(f"\nwhere one step's time goes (torch.profiler, self CPU ms, first round; see profile_groups). In-step "
-              f"matmul GFLOP/s = the matmul FLOPs (all but attention, recomputation included) / matmul time:")
+        print("\nwhere one step's time goes (torch.profiler, self CPU ms, first round; see profile_groups). In-step "
+              "matmul GFLOP/s = the matmul FLOPs (all but attention, recomputation included) / matmul time:")
         print(f"{'dtype':5} {'side':5} {'ckpt':>4} {'matmul':>14} {'in-step GF/s':>12} {'attention':>13} {'rng':>12} "
               f"{'other aten':>13} {'python':>12} {'total':>7}")
         for d in dtypes:
@@ -372,7 +368,7 @@ def main():
                       f"{cells[2]:>12} {cells[3]:>13} {cells[4]:>12} {total:7.0f}")
 
     if not args.no_3b:
-        r = child("3b")
+        r = run_child(__file__, "3b")
         f = r["step_flops"]["model"] + r["step_flops"]["recompute"]
         print(f"\nOpenLLaMA 3B v2 shape, NF4 + bf16, LoRA r 16 on q, k, v, batch 1 x 512, checkpointing: model "
               f"{r['model_bytes'] / GB:.2f} GB ({r['nf4_bytes'] / GB:.2f} GB NF4), built in {r['build_s']:.0f} s, RSS "

@@ -70,6 +70,11 @@ def run_json(argv: list) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_child(script: str, *args) -> dict:
+    """run_json on `python script --child args...`: a bench script measuring one case in a fresh process."""
+    return run_json([sys.executable, os.path.abspath(script), "--child", *map(str, args)])
+
+
 def describe() -> str:
     """One line: CPU count, torch threads, fp32 and bf16 matmul GFLOP/s."""
     return (f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
