@@ -244,7 +244,7 @@ def main():
     print("load average (1, 5, 15 min): %.2f %.2f %.2f" % os.getloadavg(), f"on {os.cpu_count()} CPUs, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     from lora import nf4_cpu
-    print("NF4 dequantisation on the CPU:", nf4_cpu.kernel_status())
+    print("NF4 dequantisation on the CPU:", nf4_cpu.KERNEL.status)
     bench_dequantize(args.reps)
     profiles = bench_layers(args.reps, not args.no_profile)
     if profiles:

@@ -27,17 +27,16 @@ for backward: one dequantisation fewer per step, for a dense copy of small layer
 checkpointing the copy lives from a block's recomputation to its backward (one block's worth at a time).
 
 The fast path (LoRALinear.forward, when x is already in the compute dtype): base and adapter are one
-autograd node, LoRAFunction, with its gradients written out (α = scaling / (1 − p), m the keep mask):
+autograd node, LoRAFunction, with its gradients written out (α = scaling / (1 − p'), m the keep mask):
     forward    h = (x ⊙ m) Aᵀ                    y = x Wᵀ + α h Bᵀ            (one addmm in place)
     backward   ∂B = α ∂yᵀ h      ∂h = ∂y B      ∂A = α ∂hᵀ (x ⊙ m)      ∂x = ∂y W + α (∂h A) ⊙ m
-It keeps x ⊙ m, m and h, not x (∂W is not needed, so backward never uses x itself; nn.Dropout + two
-F.linear would keep the same plus cast A and B's gradients twice), and draws the dropout mask from 16-bit
-uniforms, four per 64-bit draw of torch's generator (dropout_keep_mask): about six times cheaper than
-torch's bernoulli_ here. m is made directly in x's dtype: a uint8 mask cost a dtype conversion at each
-use (x ⊙ m in forward, again in recomputation, x ⊙ m and (∂h A) ⊙ m in backward), several times dearer
-than the multiply itself (bf16 [1024, 1376]: 1.9 ms for m.to + mul, 0.4 ms for the mul). The readable
-composition, y = base(x) + F.linear(F.linear(dropout(x), A), B) · scaling, is LoRALinear.forward_reference;
-tests/test_fast_paths.py holds the two equal (and the formula, gradcheck, the mask's statistics).
+It keeps x ⊙ m and h, not x (∂W is not needed, so backward never uses x itself; nn.Dropout + two F.linear
+would keep x, the mask and the dropped x, and cast A and B's gradients twice). The mask is counter-based
+(lora/dropout.py): a function of one seed drawn from torch's generator per call and of each element's index,
+so x ⊙ m is one pass of a C kernel on the CPU, and backward recomputes m from the seed instead of keeping it
+(bench shape, bf16 [1024, 512]: 0.07 ms, against 0.9 ms to draw 16-bit uniforms from torch's generator,
+compare and multiply). The readable composition, y = base(x) + F.linear(F.linear(dropout(x), A), B) · scaling,
+is LoRALinear.forward_reference; tests/test_fast_paths.py holds the two equal (and the formula, gradcheck).
 
 Shapes: M tokens (all leading dims of x flattened), K in_features, N out_features, r rank.
 """
@@ -47,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora import dropout
 from lora.nf4 import NF4Tensor, quantize_nf4, to_bnb_quant_state
 
 TILE = 1 << 22     # values of W dequantised at a time on the CPU (16 MiB in fp32)
@@ -172,44 +172,30 @@ class Linear4bit(nn.Module):
 
 # --- LoRA --------------------------------------------------------------------------------------------
 
-def dropout_keep_mask(shape, p: float, dtype, device, generator=None):
-    """Inverted dropout's keep mask m (1 = keep, 0 = drop) in `dtype`, and the keep probability 1 − p'.
-
-    Each element compares a uniform 16-bit integer u (four from each 64-bit draw of torch's generator, so
-    manual_seed and checkpoint's RNG replay apply) with round(p · 2¹⁶): m = [u ≥ round(p · 2¹⁶)], so
-    P(drop) = p' = round(p · 2¹⁶) / 2¹⁶ (p = 0.05: p' = 0.0500031; torch's bernoulli_ rounds p to 2⁻²⁴)."""
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=generator)
-    u = words.view(torch.int16)[:n].view(shape)                              # uniform in [-2¹⁵, 2¹⁵)
-    threshold = round(p * 65536)
-    m = torch.ge(u, threshold - 32768, out=torch.empty(shape, dtype=dtype, device=device))
-    return m, 1 - threshold / 65536
-
-
 class LoRAFunction(torch.autograd.Function):
-    """y = x Wᵀ + α ((x ⊙ m) Aᵀ) Bᵀ for x [M, K], the frozen W (NF4Tensor or dense [N, K]), A [r, K],
-    B [N, r], the keep mask m [M, K] (0 or 1 in x's dtype) or None,
+    """y = x Wᵀ + α ((x ⊙ m) Aᵀ) Bᵀ for x [M, K] (contiguous), the frozen W (NF4Tensor or dense [N, K]),
+    A [r, K], B [N, r], the keep mask m of lora/dropout.py for (seed, p) (seed None: no dropout, m = 1),
     α = scaling / (1 − p'); in x's dtype except A, B (cast here, gradients returned in their dtype).
     Gradients as in the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, A, B, base, mask, alpha):
+    def forward(ctx, x, A, B, base, seed, p, alpha):
         A_, B_ = A.to(x.dtype), B.to(x.dtype)                                 # [r, K], [N, r]
         if isinstance(base, NF4Tensor):
             keep = ctx.needs_input_grad[0] and keeps_dequantized(base, x.dtype)   # W is needed again for ∂x only
             y, W = base_forward(x, base, keep)                                # [M, N]
         else:
             y, W = x @ base.t(), base
-        xm = x if mask is None else x * mask                                  # [M, K] dropout(x) · (1 − p')
+        xm = x if seed is None else dropout.select(x, seed, p)               # [M, K] x ⊙ m
         h = xm @ A_.t()                                                       # [M, r]
         y.addmm_(h, B_.t(), alpha=alpha)                                      # y += α h Bᵀ
-        ctx.base, ctx.alpha, ctx.A_dtype, ctx.B_dtype = base, alpha, A.dtype, B.dtype
-        ctx.save_for_backward(xm, mask, h, A_, B_, W)
+        ctx.base, ctx.seed, ctx.p, ctx.alpha, ctx.A_dtype, ctx.B_dtype = base, seed, p, alpha, A.dtype, B.dtype
+        ctx.save_for_backward(xm, h, A_, B_, W)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):                                                # [M, N]
-        xm, m, h, A_, B_, W = ctx.saved_tensors                               # [M, K], [M, K] or None, [M, r]
+        xm, h, A_, B_, W = ctx.saved_tensors                                  # [M, K], [M, r]
         alpha = ctx.alpha
         grad_y = grad_y.contiguous()
         grad_h = grad_y @ B_                                                  # [M, r] ∂h / α
@@ -223,11 +209,12 @@ class LoRAFunction(torch.autograd.Function):
                 grad_x = base_grad_input(grad_y, ctx.base, W)                 # [M, K] ∂y W
             else:
                 grad_x = grad_y @ W
-            if m is None:
+            if ctx.seed is None:
                 grad_x.addmm_(grad_h, A_, alpha=alpha)                        # + α ∂h A
             else:
-                grad_x.addcmul_(grad_h @ A_, m, value=alpha)                  # + α (∂h A) ⊙ m
-        return grad_x, grad_A, grad_B, None, None, None
+                grad_hA = grad_h @ A_                                         # [M, K]
+                grad_x.add_(dropout.select(grad_hA, ctx.seed, ctx.p, out=grad_hA), alpha=alpha)  # + α (∂h A) ⊙ m
+        return grad_x, grad_A, grad_B, None, None, None, None
 
 
 def check_lora_settings(r, alpha, dropout):
@@ -274,17 +261,18 @@ class LoRALinear(nn.Module):
         dtype = base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
         if self.disabled or x.dtype != dtype or x.shape[-1] != self.in_features:
             return self.forward_reference(x)                  # (and the error for a wrong width)
-        x2 = x.reshape(-1, self.in_features)                                 # [M, K]
-        mask, keep = None, 1.0
-        if self.training and self.dropout_p > 0:
-            mask, keep = dropout_keep_mask(x2.shape, self.dropout_p, x.dtype, x.device)   # [M, K]
+        x2 = x.reshape(-1, self.in_features).contiguous()                    # [M, K]
+        seed, p = None, self.dropout_p
+        if self.training and p > 0:
+            seed = dropout.draw_seed()
+        alpha = self.scaling / (dropout.keep_probability(p) if seed is not None else 1.0)
         W = base.weight if isinstance(base, Linear4bit) else base.weight.detach()
-        y = LoRAFunction.apply(x2, self.lora_A.weight, self.lora_B.weight, W, mask, self.scaling / keep)
+        y = LoRAFunction.apply(x2, self.lora_A.weight, self.lora_B.weight, W, seed, p, alpha)
         return y.view(*x.shape[:-1], self.out_features)                      # [..., N]
 
     def forward_reference(self, x):                                           # [..., K]
         """The readable composition: base(x) + F.linear(F.linear(dropout(x), A), B) · scaling, with
-        nn.Dropout's own mask (forward uses dropout_keep_mask's)."""
+        nn.Dropout's own mask (forward uses lora/dropout.py's)."""
         y = self.base_layer(x)                                                # [..., N]
         if self.disabled:
             return y

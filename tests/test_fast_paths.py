@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import lora.layers
 from losses import IGNORE_INDEX, sequence_logps, sequence_logps_chunked, sft_loss, sft_loss_chunked
-from lora import apply_lora
-from lora.layers import Linear4bit, LoRALinear, dropout_keep_mask
+from lora import apply_lora, dropout
+from lora.layers import Linear4bit, LoRALinear
 from model.config import PRESETS
 from model.llama import Llama, RMSNorm
 from test_losses import random_batch
@@ -67,7 +67,7 @@ def test_fused_lora_forward_and_gradients_equal_the_reference_composition(base_k
 
 @pytest.mark.parametrize("base_kind", ["dense", "nf4"])
 def test_fused_lora_with_dropout_equals_the_formula_with_the_same_mask(base_kind):
-    """y = x Wᵀ + ((m ⊙ x) / (1 − p')) Aᵀ Bᵀ · s with the mask dropout_keep_mask draws from the same seed;
+    """y = x Wᵀ + ((m ⊙ x) / (1 − p')) Aᵀ Bᵀ · s with lora/dropout.py's mask for the seed forward draws;
     autograd through that formula gives the same ∂x, ∂A, ∂B (fp64, so 1e-12: only the order differs)."""
     f64 = torch.float64
     W = rand(24, 64, scale=0.05, dtype=f64)
@@ -78,7 +78,7 @@ def test_fused_lora_with_dropout_equals_the_formula_with_the_same_mask(base_kind
     torch.manual_seed(7)
     fast = grads(layer, x, g, layer)
     torch.manual_seed(7)
-    m, keep = dropout_keep_mask(x.shape, 0.3, f64, x.device)
+    m, keep = dropout.keep_mask(x.shape, dropout.draw_seed(), 0.3).to(f64), dropout.keep_probability(0.3)
     assert keep == 1 - round(0.3 * 65536) / 65536
     assert 0 < m.sum() < m.numel()                                      # some kept, some dropped
 
@@ -104,21 +104,6 @@ def test_fused_lora_gradcheck_in_float64_with_dropout_on():
         return torch.func.functional_call(layer, {"lora_A.weight": A, "lora_B.weight": B}, (x,))
 
     assert torch.autograd.gradcheck(f, (x, A, B))
-
-
-def test_dropout_keep_mask_keeps_with_probability_one_minus_p_prime_and_replays_from_the_seed():
-    """p' = round(p · 2¹⁶) / 2¹⁶. Over n = 2²² draws the kept count is Binomial(n, 1 − p'): it must lie
-    within 6 standard deviations (a false alarm about once in 10⁹ runs)."""
-    n, p = 1 << 22, 0.05
-    torch.manual_seed(0)
-    m, keep = dropout_keep_mask((1024, 4096), p, torch.uint8, "cpu")
-    assert keep == 1 - 3277 / 65536 and m.dtype == torch.uint8 and set(m.unique().tolist()) == {0, 1}
-    sd = math.sqrt(n * keep * (1 - keep))
-    assert abs(m.sum().item() - n * keep) < 6 * sd
-    torch.manual_seed(0)
-    assert torch.equal(dropout_keep_mask((1024, 4096), p, torch.uint8, "cpu")[0], m)
-    odd, _ = dropout_keep_mask((3, 5), 0.5, torch.bfloat16, "cpu")                # n not a multiple of 4
-    assert odd.shape == (3, 5) and odd.dtype == torch.bfloat16
 
 
 # --- NF4: the dequantised W kept from forward, or dequantised again in backward ---

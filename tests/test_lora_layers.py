@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora.layers
-from lora.layers import Linear4bit, LoRALinear, dropout_keep_mask
+from lora import dropout
+from lora.layers import Linear4bit, LoRALinear
 from lora.nf4 import quantize_nf4
 
 
@@ -103,15 +104,16 @@ def test_a_fresh_adapter_is_the_identity_change_with_peft_initialisation():
 
 
 def test_dropout_applies_to_the_adapter_input_only():
-    """In training, y - base(x) = (m ⊙ x / (1 - p)) Aᵀ Bᵀ · s with the mask m that dropout_keep_mask draws
-    (p = 0.5 is a multiple of 2⁻¹⁶, so p' = p); forward_reference does the same with nn.Dropout's mask."""
+    """In training, y - base(x) = (m ⊙ x / (1 - p)) Aᵀ Bᵀ · s with the mask m of lora/dropout.py for the seed
+    forward draws (p = 0.5 is a multiple of 2⁻¹⁶, so p' = p); forward_reference does the same with nn.Dropout's
+    mask."""
     base = dense(rand(20, 32, scale=0.1))
     layer = with_random_adapter(LoRALinear(base, r=4, alpha=4, dropout=0.5)).train()
     x = rand(6, 32, seed=8)
     torch.manual_seed(123)
     y = layer(x)
     torch.manual_seed(123)
-    m, keep = dropout_keep_mask(x.shape, 0.5, x.dtype, x.device)
+    m, keep = dropout.keep_mask(x.shape, dropout.draw_seed(), 0.5).to(x.dtype), dropout.keep_probability(0.5)
     assert keep == 0.5 and set(m.unique().tolist()) == {0.0, 1.0}
     x_dropped = x * m / keep
     torch.testing.assert_close(y, reference(x_dropped, torch.zeros(20, 32), layer.lora_A.weight,

@@ -1,11 +1,11 @@
 """The C kernel of NF4 dequantisation (lora/nf4_kernel.c via lora/nf4_cpu.py) against the torch reference code
-of lora/nf4.py, bit for bit, and its build and fallback rules."""
+of lora/nf4.py, bit for bit, and the build and fallback rules of lora/c_build.py."""
 import shutil
 
 import pytest
 import torch
 
-from lora import nf4_cpu
+from lora import c_build, nf4_cpu
 from lora.nf4 import BLOCK_SIZES, quantize_nf4
 
 
@@ -18,8 +18,8 @@ def reference(q, dtype, monkeypatch):
 
 def test_the_kernel_builds_wherever_there_is_a_c_compiler():
     assert shutil.which("cc"), "CI machines have a C compiler; without one the torch path is the only path"
-    assert nf4_cpu.kernel() is not None, nf4_cpu.kernel_status()
-    assert nf4_cpu.kernel_status().startswith("C kernel ")
+    assert nf4_cpu.KERNEL.lib is not None, nf4_cpu.KERNEL.status
+    assert nf4_cpu.KERNEL.status.startswith("C kernel ")
     assert nf4_cpu.usable("cpu", torch.float32, 64) and nf4_cpu.usable("cpu", torch.bfloat16, 64)
     assert not nf4_cpu.usable("cpu", torch.float16, 64) and not nf4_cpu.usable("meta", torch.float32, 64)
 
@@ -69,28 +69,28 @@ def test_blocks_split_between_threads_give_the_same_result(monkeypatch):
 
 def test_disabled_or_without_a_compiler_the_torch_path_is_used(monkeypatch, tmp_path):
     monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
-    monkeypatch.setenv("BEZOAR_NF4_KERNEL", "0")
-    lib, status = nf4_cpu._build()
-    assert lib is None and "BEZOAR_NF4_KERNEL=0" in status
-    monkeypatch.delenv("BEZOAR_NF4_KERNEL")
+    monkeypatch.setenv("BEZOAR_C_KERNELS", "0")
+    lib, status = nf4_cpu.KERNEL.build()
+    assert lib is None and "BEZOAR_C_KERNELS=0" in status
+    monkeypatch.delenv("BEZOAR_C_KERNELS")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    lib, status = nf4_cpu._build()
+    lib, status = nf4_cpu.KERNEL.build()
     assert lib is None and "no C compiler" in status and "torch path" in status
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_build_is_cached_under_a_key_of_source_flags_compiler_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
-    lib, status = nf4_cpu._build()
+    lib, status = nf4_cpu.KERNEL.build()
     assert lib is not None, status
     built = sorted(p.name for p in tmp_path.iterdir())
     assert len(built) == 1 and built[0].startswith("nf4_kernel-") and built[0].endswith(".so")
     mtime = (tmp_path / built[0]).stat().st_mtime_ns
-    nf4_cpu._build()                                # a second build reuses the file
+    nf4_cpu.KERNEL.build()                          # a second build reuses the file
     assert sorted(p.name for p in tmp_path.iterdir()) == built
     assert (tmp_path / built[0]).stat().st_mtime_ns == mtime
-    monkeypatch.setattr(nf4_cpu, "_cpu_flags", lambda: "flags : another cpu")
-    nf4_cpu._build()                                # another CPU: another build beside it
+    monkeypatch.setattr(c_build, "cpu_flags", lambda: "flags : another cpu")
+    nf4_cpu.KERNEL.build()                          # another CPU: another build beside it
     assert len(list(tmp_path.iterdir())) == 2
 
 
@@ -101,15 +101,18 @@ def test_the_portable_c_path_equals_the_torch_path_too(dtype, monkeypatch, tmp_p
     import platform
     monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
     march = ["-march=x86-64-v2"] if platform.machine() == "x86_64" else []
-    monkeypatch.setattr(nf4_cpu, "FLAGS", [f for f in nf4_cpu.FLAGS if f != "-march=native"] + march)
-    lib, status = nf4_cpu._build()
+    monkeypatch.setattr(nf4_cpu.KERNEL, "flags", [f for f in c_build.FLAGS if f != "-march=native"] + march)
+    lib, status = nf4_cpu.KERNEL.build()
     assert lib is not None, status
     torch.manual_seed(1)
     q = quantize_nf4(torch.randn(70, 300) * torch.logspace(-3, 3, 300))
     want = reference(q, dtype, monkeypatch)
-    monkeypatch.setitem(nf4_cpu._state, "lib", lib)
-    monkeypatch.setitem(nf4_cpu._state, "status", status)
-    got = q.dequantize(dtype)
+    native = nf4_cpu.KERNEL.lib, nf4_cpu.KERNEL.status
+    nf4_cpu.KERNEL.set(lib, status)
+    try:
+        got = q.dequantize(dtype)
+    finally:
+        nf4_cpu.KERNEL.set(*native)
     assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
 
@@ -167,7 +170,7 @@ def test_a_forked_child_dequantizes_with_threads_after_its_parent_did(monkeypatc
 
 def _dequantize_in_child(q):
     torch.set_num_threads(2)
-    assert nf4_cpu._pool["executor"] is None                   # the parent's pool was not inherited
+    assert c_build._pool["executor"] is None                   # the parent's pool was not inherited
     out = q.dequantize(torch.float32)
-    assert nf4_cpu._pool["threads"] == 2                       # ...and the child made its own
+    assert c_build._pool["threads"] == 2                       # ...and the child made its own
     return out.numpy().tobytes()
