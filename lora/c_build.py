@@ -20,6 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+# Values per thread below which a kernel runs on the calling thread alone. Handing work to Python threads
+# costs tens of microseconds a call (the pool's queue, GIL hand-offs) and competes with torch's OpenMP
+# threads: with a threshold of 128K-256K values, the bench SFT step (bench/bench_sft_step.py, bf16, ~500
+# kernel calls on tensors of 0.3-1.4M values) took 0.67-0.73 s; with every in-step call on one thread,
+# 0.52-0.55 s. Large work (a whole 8640 × 3200 weight: 27.6M values) still splits.
+MIN_PER_THREAD = 1 << 21
 
 _lock = threading.Lock()
 _pool = {"threads": 0, "executor": None}

@@ -29,7 +29,7 @@ MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dropout_kernel.c")
 _ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32]
 KERNEL = c_build.Kernel(SOURCE, {"dropout_select_16": _ARGS, "dropout_select_32": _ARGS})
-MIN_PER_THREAD = 1 << 18              # elements: below that one thread is faster than starting others
+MIN_PER_THREAD = c_build.MIN_PER_THREAD  # elements per thread (see lora/c_build.py)
 
 
 def threshold(p: float) -> int:

@@ -27,7 +27,7 @@ from lora import c_build
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nf4_kernel.c")
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4
 KERNEL = c_build.Kernel(SOURCE, {"nf4_dequantize_f32": _ARGS, "nf4_dequantize_bf16": _ARGS})
-MIN_BLOCKS_PER_THREAD = 4096          # 256K values: below that one thread is faster than starting others
+MIN_BLOCKS_PER_THREAD = c_build.MIN_PER_THREAD // 64   # blocks of 64 per thread (see lora/c_build.py)
 HUGE_PAGE, MADV_HUGEPAGE = 2 << 20, 14  # Linux's transparent huge pages (x86-64, arm64 with 4 KiB base pages)
 HUGE_PAGE_MIN_BYTES = 16 << 20        # outputs this large ask for huge pages (advise_huge_pages)
 _libc = {}

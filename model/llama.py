@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from model import block_cpu
 from model.config import LlamaConfig
 
 
@@ -31,10 +32,16 @@ class RMSNormFunction(torch.autograd.Function):
         ∂x = r g − r³ x · Σ_d(g x) / D  = r (g − x̂ mean(g x̂))         ∂w = Σ over rows of ∂y ⊙ x̂
     It keeps x (alive anyway: the residual stream) and r, not the fp32 x̂ and x² that autograd through
     the composition keeps, and makes ∂x in four passes over [.., D] instead of autograd's dozen
-    (bench shape, bf16 [1024, 512]: forward + backward 3.2 → 2.2 ms, 16 backward calls a step)."""
+    (bench shape, bf16 [1024, 512]: forward + backward 3.2 → 2.2 ms, 16 backward calls a step).
+    On the CPU, forward and ∂x (the weight frozen) are one sweep each of model/block_kernel.c, the same
+    formulas (model/block_cpu.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):                               # [..., D], [D]
+        if block_cpu.usable(x, weight):
+            y, r = block_cpu.rmsnorm_forward(x, weight, eps)        # [..., D], [..., 1]
+            ctx.save_for_backward(x, weight, r)
+            return y
         xf = x.float()
         r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)     # [..., 1]
         ctx.save_for_backward(x, weight, r)
@@ -43,6 +50,8 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):                                      # [..., D]
         x, weight, r = ctx.saved_tensors
+        if not ctx.needs_input_grad[1] and block_cpu.usable(x, weight, grad_y):
+            return block_cpu.rmsnorm_backward(x, weight, r, grad_y), None, None
         xf = x.float()                                              # [..., D]
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -91,6 +100,33 @@ def apply_rotary(x, cos, sin):                                            # [B, 
     return x * cos + rotate_half(x) * sin
 
 
+class RotaryFunction(torch.autograd.Function):
+    """[B, T, H, Dh] (a projection's output) → rotated, [B, H, T, Dh] contiguous (attention's layout):
+        forward   apply_rotary(x.transpose(1, 2), cos, sin)            (rotate each pair by its angle)
+        backward  apply_rotary(∂y, cos, −sin).transpose(1, 2)          (rotate back: a rotation's transpose)
+    On the CPU both are one sweep of model/block_kernel.c (rotate and move in one pass, one rounding in
+    bf16 where the torch composition rounds three times); elsewhere the torch code above."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):                                        # [B, T, H, Dh], [B, 1, T, Dh] ×2
+        ctx.save_for_backward(cos, sin)
+        B, T, H, Dh = x.shape
+        if block_cpu.usable(x, cos, sin):
+            out = torch.empty(B, H, T, Dh, dtype=x.dtype)
+            block_cpu.rotary(x, cos, sin, out.transpose(1, 2), 1.0)
+            return out
+        return apply_rotary(x.transpose(1, 2), cos, sin).contiguous()    # [B, H, T, Dh]
+
+    @staticmethod
+    def backward(ctx, grad_y):                                            # [B, H, T, Dh]
+        cos, sin = ctx.saved_tensors
+        B, H, T, Dh = grad_y.shape
+        if block_cpu.usable(grad_y, cos, sin) and grad_y.stride(3) == 1:
+            grad_x = torch.empty(B, T, H, Dh, dtype=grad_y.dtype)
+            return block_cpu.rotary(grad_y.transpose(1, 2), cos, sin, grad_x, -1.0), None, None
+        return apply_rotary(grad_y, cos, -sin).transpose(1, 2), None, None
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, preallocated for `max_len` positions per layer."""
 
@@ -123,10 +159,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):                          # x [B, T, D]
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, Dh]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)                     # [B, T, H, Dh]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)                  # [B, T, Hkv, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin)    # [B, H(kv), T, Dh]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                                      # [B, Hkv, S, Dh]
         # mask None: plain causal attention over the T new tokens (lets SDPA pick its fused kernels)

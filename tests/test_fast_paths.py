@@ -14,6 +14,7 @@ from losses import IGNORE_INDEX, sequence_logps, sequence_logps_chunked, sft_los
 from lora import apply_lora, dropout
 from lora.layers import Linear4bit, LoRALinear
 from model.config import PRESETS
+from model import block_cpu
 from model.llama import Llama, RMSNorm
 from test_losses import random_batch
 
@@ -186,11 +187,17 @@ def test_frozen_head_loss_in_bf16_is_close_to_the_plain_loss_and_fp32():
 
 # --- RMSNorm's hand-written backward ---
 
+@pytest.mark.parametrize("path", ["torch", "kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_function_equals_the_composition_and_its_autograd(dtype):
-    """Forward: the same operations, so the same bits. Gradients (∂x, and ∂w for a trained norm): another
-    grouping of the same sums; fp32 1e-5 relative; bf16: autograd rounds ∂y ⊙ w and each product to bf16
-    on its own path, so one bf16 rounding of the values' scale, 2e-2."""
+def test_rmsnorm_function_equals_the_composition_and_its_autograd(dtype, path, monkeypatch):
+    """Forward: the torch path does the same operations, so the same bits; the C kernel (model/block_cpu.py)
+    sums the squares in another order: fp32 1e-6 relative, bf16 at most one rounding apart. Gradients (∂x,
+    and ∂w for a trained norm): another grouping of the same sums; fp32 1e-5 relative; bf16: autograd rounds
+    ∂y ⊙ w and each product to bf16 on its own path, so one bf16 rounding of the values' scale, 2e-2."""
+    if path == "torch":
+        monkeypatch.setattr(block_cpu, "usable", lambda *a: False)
+    else:
+        assert block_cpu.usable(torch.empty(1, dtype=dtype)), block_cpu.KERNEL.status
     norm = RMSNorm(48, eps=1e-6).to(dtype)
     with torch.no_grad():
         norm.weight.copy_(rand(48, seed=1, dtype=dtype) + 1)
@@ -203,7 +210,10 @@ def test_rmsnorm_function_equals_the_composition_and_its_autograd(dtype):
         y.backward(g)
         out[fn] = (y.detach(), xi.grad, norm.weight.grad)
     (y, dx, dw), (y_ref, dx_ref, dw_ref) = out[norm], out[norm.forward_reference]
-    assert torch.equal(y, y_ref)
+    if path == "torch":
+        assert torch.equal(y, y_ref)
+    else:
+        torch.testing.assert_close(y, y_ref, rtol=1e-6 if dtype == torch.float32 else 2 ** -7, atol=0)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for a, b in ((dx, dx_ref), (dw, dw_ref)):
         assert a.dtype == b.dtype

@@ -1,0 +1,137 @@
+"""The C kernels of a LLaMA block (model/block_kernel.c via model/block_cpu.py): RMSNorm forward and ∂x, and
+rotary embeddings forward and ∂x, against the torch code of model/llama.py and the formulas in fp64."""
+import platform
+
+import pytest
+import torch
+
+from lora import c_build
+from model import block_cpu
+from model.llama import RMSNorm, RotaryFunction, apply_rotary, rotary_cos_sin
+
+
+def rand(*shape, seed=0, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+def torch_path(monkeypatch):
+    monkeypatch.setattr(block_cpu, "usable", lambda *a: False)
+
+
+def test_the_kernels_build_here():
+    assert block_cpu.KERNEL.lib is not None, block_cpu.KERNEL.status
+    assert block_cpu.usable(torch.empty(1), torch.empty(1)) and block_cpu.usable(torch.empty(1, dtype=torch.bfloat16))
+    assert not block_cpu.usable(torch.empty(1), torch.empty(1, dtype=torch.bfloat16))
+    assert not block_cpu.usable(torch.empty(1, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [48, 512, 37])
+def test_rmsnorm_forward_is_the_formula_rounded_where_the_torch_code_rounds(dtype, D):
+    """y = round(w · round(x r)), r = 1/sqrt(mean(x²) + eps): against r from fp64 sums; r within 1e-6
+    relative (fp32 sums), each y within one rounding of the formula with the exact r."""
+    x, w = rand(6, 7, D, seed=D, dtype=dtype, scale=3), rand(D, seed=1, dtype=dtype) + 1
+    y, r = block_cpu.rmsnorm_forward(x, w, 1e-6)
+    r64 = 1 / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(r.double(), r64, rtol=1e-6, atol=0)
+    want = w.double() * (x.double() * r64).to(dtype).double()
+    torch.testing.assert_close(y.double(), want, rtol=1e-6 if dtype == torch.float32 else 2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_backward_kernel_equals_the_torch_backward_of_a_frozen_norm(dtype, monkeypatch):
+    """∂x with the weight frozen (the training case): kernel against RMSNormFunction's torch code, the same
+    formula with sums in another order: fp32 1e-5, bf16 one rounding (2e-2 of the values' scale)."""
+    norm = RMSNorm(512, eps=1e-6).to(dtype).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.copy_(rand(512, seed=1, dtype=dtype) + 1)
+    x, g = rand(4, 33, 512, seed=2, dtype=dtype, scale=3), rand(4, 33, 512, seed=3, dtype=dtype)
+    grads = []
+    for path in ("kernel", "torch"):
+        with monkeypatch.context() as m:
+            if path == "torch":
+                torch_path(m)
+            xi = x.clone().requires_grad_()
+            norm(xi).backward(g)
+            grads.append(xi.grad)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grads[0], grads[1], **tol)
+
+
+def rotary_inputs(B, T, H, Dh, dtype, seed=0):
+    cos, sin = rotary_cos_sin(torch.arange(T).expand(B, T) + 3, Dh, 10000.0, dtype)  # [B, 1, T, Dh]
+    return rand(B, T, H, Dh, seed=seed, dtype=dtype), cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_kernel_forward_and_backward_equal_the_torch_composition(dtype, monkeypatch):
+    """Forward: apply_rotary on the transposed input; backward: the rotation by −angle, transposed back.
+    fp32: 1e-6 relative to the values' scale; bf16: the kernel rounds once where torch rounds three times,
+    so within 2 bf16 roundings (2⁻⁶ relative to the values' scale)."""
+    B, T, H, Dh = 2, 9, 3, 16
+    x, cos, sin = rotary_inputs(B, T, H, Dh, dtype)
+    g = rand(B, H, T, Dh, seed=5, dtype=dtype)
+    out = {}
+    for path in ("kernel", "torch"):
+        with monkeypatch.context() as m:
+            if path == "torch":
+                torch_path(m)
+            xi = x.clone().requires_grad_()
+            y = RotaryFunction.apply(xi, cos, sin)
+            y.backward(g)
+            out[path] = (y.detach(), xi.grad)
+    assert out["kernel"][0].shape == (B, H, T, Dh) and out["kernel"][0].is_contiguous()
+    assert out["kernel"][1].shape == (B, T, H, Dh)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=2 ** -6)
+    for a, b in zip(out["kernel"], out["torch"]):
+        torch.testing.assert_close(a, b, **tol)
+    ref = apply_rotary(x.double().transpose(1, 2), cos.double(), sin.double())
+    torch.testing.assert_close(out["kernel"][0].double(), ref, **tol)
+
+
+def test_rotary_backward_is_the_adjoint_of_forward_and_gradchecks():
+    """<R x, g> = <x, Rᵀ g> (fp32 kernel), and the torch path against finite differences in fp64."""
+    x, cos, sin = rotary_inputs(2, 7, 2, 8, torch.float32, seed=1)
+    g = rand(2, 2, 7, 8, seed=2)
+    xi = x.clone().requires_grad_()
+    y = RotaryFunction.apply(xi, cos, sin)
+    y.backward(g)
+    torch.testing.assert_close((y * g).sum(), (x * xi.grad).sum(), rtol=1e-5, atol=1e-5)
+    x64, cos64, sin64 = rotary_inputs(1, 5, 2, 4, torch.float64, seed=3)
+    assert torch.autograd.gradcheck(lambda x: RotaryFunction.apply(x, cos64, sin64), (x64.requires_grad_(),))
+
+
+def test_rotary_kernel_splits_between_threads_like_one_thread(monkeypatch):
+    monkeypatch.setattr(block_cpu, "MIN_PER_THREAD", 1)
+    x, cos, sin = rotary_inputs(3, 11, 4, 32, torch.bfloat16, seed=4)
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            outs.append(RotaryFunction.apply(x, cos, sin))
+            norm_y, _ = block_cpu.rmsnorm_forward(x.reshape(33, 128), x[0, 0].reshape(128), 1e-6)
+            outs.append(norm_y)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+
+
+def test_the_portable_c_loops_give_the_native_builds_values(monkeypatch, tmp_path):
+    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
+    march = ["-march=x86-64-v2"] if platform.machine() == "x86_64" else []
+    monkeypatch.setattr(block_cpu.KERNEL, "flags", [f for f in c_build.FLAGS if f != "-march=native"] + march)
+    lib, status = block_cpu.KERNEL.build()
+    assert lib is not None, status
+    x, cos, sin = rotary_inputs(2, 5, 2, 16, torch.float32, seed=6)
+    w = rand(32, seed=7) + 1
+    native = (RotaryFunction.apply(x, cos, sin), block_cpu.rmsnorm_forward(x.reshape(10, 32), w, 1e-6))
+    saved = block_cpu.KERNEL.lib, block_cpu.KERNEL.status
+    block_cpu.KERNEL.set(lib, status)
+    try:
+        portable = (RotaryFunction.apply(x, cos, sin), block_cpu.rmsnorm_forward(x.reshape(10, 32), w, 1e-6))
+    finally:
+        block_cpu.KERNEL.set(*saved)
+    torch.testing.assert_close(portable[0], native[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(portable[1], native[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
