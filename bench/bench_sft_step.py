@@ -52,7 +52,14 @@ import time
 from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see bench_nf4.py: busy machine, many operators
+# OpenMP threads wait passively (see bench_nf4.py: on a busy machine spinning punishes code made of many
+# operators); OMP_WAIT_POLICY=default leaves libgomp's own default (spin a while, then sleep), which is what
+# a user's run gets and is faster on a quiet machine, for both sides. Set before torch loads OpenMP.
+if "default" in (os.environ.get("OMP_WAIT_POLICY"), os.environ.get("BEZOAR_OMP_WAIT")):
+    os.environ.pop("OMP_WAIT_POLICY", None)
+    os.environ["BEZOAR_OMP_WAIT"] = "default"                  # so that the children do the same
+else:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -298,7 +305,7 @@ def main():
 
     print(describe())
     print("load average (1, 5, 15 min): %.2f %.2f %.2f" % os.getloadavg(), f"on {os.cpu_count()} CPUs, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default)')}")
     dtypes = args.dtypes.split(",")
     ckpts = [int(c) for c in args.ckpt.split(",")]
     L = SMALL.num_hidden_layers

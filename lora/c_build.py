@@ -118,6 +118,7 @@ class Kernel:
 
 
 def executor(threads: int) -> ThreadPoolExecutor:
+    """A pool of `threads` worker threads (made again when the count changes)."""
     with _lock:
         if _pool["threads"] != threads:
             _pool["executor"] = ThreadPoolExecutor(threads, thread_name_prefix="bezoar-c")
@@ -127,7 +128,8 @@ def executor(threads: int) -> ThreadPoolExecutor:
 
 def split(n: int, min_per_thread: int, run, align: int = 1):
     """run(lo, hi) over [0, n) in torch.get_num_threads() shares of at least min_per_thread items each, the
-    edges on multiples of `align`; in this thread when one share is enough."""
+    edges on multiples of `align`: the first share on this thread, the others on the pool's; all of it on
+    this thread when one share is enough."""
     threads = max(1, min(torch.get_num_threads(), n // max(1, min_per_thread)))
     if n == 0:
         return
@@ -135,4 +137,7 @@ def split(n: int, min_per_thread: int, run, align: int = 1):
         run(0, n)
         return
     edges = [min(n, n * i // threads // align * align) for i in range(threads)] + [n]
-    list(executor(threads).map(lambda i: run(edges[i], edges[i + 1]), range(threads)))
+    others = [executor(threads - 1).submit(run, edges[i], edges[i + 1]) for i in range(1, threads)]
+    run(edges[0], edges[1])                                # the first share on this thread
+    for f in others:
+        f.result()
