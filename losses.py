@@ -28,13 +28,16 @@ Two ways to compute the same numbers:
            rounding (tests/test_fast_paths.py). Without gradients (a reference pass) no ∂h is made.
            All chunks run in one autograd node that reuses three C × V buffers (logits in h's dtype,
            logits ≥ fp32, softmax) from chunk to chunk: fresh ones would be fresh pages each time
-           (see _FrozenHeadTokenLogps).
+           (see _FrozenHeadTokenLogps). On the CPU the softmax step is losses_kernel.c (losses_cpu.py):
+           the same formulas in three sweeps per row, in place in the logits' buffer.
 
 Shapes: B batch, T tokens, D hidden, V vocab, N response tokens in the batch, C chunk rows.
 """
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import losses_cpu
 
 IGNORE_INDEX = -100
 
@@ -121,10 +124,19 @@ class _FrozenHeadTokenLogps(torch.autograd.Function):
         C = max(1, min(chunk_size, N))
         wide = torch.promote_types(h.dtype, torch.float32)                    # softmax dtype, ≥ fp32
         z = h.new_empty(C, V)                                                 # [C, V] logits in h's dtype
-        z_wide = z if z.dtype == wide else torch.empty(C, V, dtype=wide)      # [C, V] the same, ≥ fp32
-        p = torch.empty(C, V, dtype=wide)                                     # [C, V] softmax
         token_logps = torch.empty(N, dtype=wide)                              # [N]
         dh = h.new_empty(N, D) if need_grad else None                         # [N, D] ∂ log p(y)/∂h
+        if losses_cpu.usable(z):                                              # the C kernel: in place in z
+            for i in range(0, N, C):
+                n = min(C, N - i)
+                torch.mm(h[i:i + n], lm_head_weight.t(), out=z[:n])           # z = h Wᵀ in h's dtype
+                losses_cpu.token_logp_grad(z[:n], y[i:i + n], token_logps[i:i + n], need_grad)  # z ← p − onehot
+                if need_grad:
+                    torch.mm(z[:n], lm_head_weight, out=dh[i:i + n]).neg_()  # [n, D]
+            ctx.save_for_backward(dh)
+            return token_logps
+        z_wide = z if z.dtype == wide else torch.empty(C, V, dtype=wide)      # [C, V] the same, ≥ fp32
+        p = torch.empty(C, V, dtype=wide)                                     # [C, V] softmax
         for i in range(0, N, C):
             n = min(C, N - i)
             zc, zw, pc, yc = z[:n], z_wide[:n], p[:n], y[i:i + n]             # [n, V] ×3, [n]

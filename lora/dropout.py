@@ -14,7 +14,7 @@ of a SplitMix64 generator seeded with `seed` gives the 16-bit uniforms of elemen
 recomputes the mask from the seed instead of storing it.
 
 select(x, seed, p) = x where kept, 0 where dropped (raw bit patterns: no rounding). On the CPU for 16- and
-32-bit dtypes it is lora/dropout_kernel.c (built by lora/c_build.py; a [1024, 512] bf16 input in ~0.07 ms);
+32-bit dtypes it is lora/dropout_kernel.c (built by c_build.py; a [1024, 512] bf16 input in ~0.07 ms);
 everywhere else keep_mask(), the same formula in torch ops, which tests/test_dropout.py holds the kernel to.
 """
 import ctypes
@@ -22,14 +22,14 @@ import os
 
 import torch
 
-from lora import c_build
+import c_build
 
 GAMMA = 0x9E3779B97F4A7C15
 MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dropout_kernel.c")
 _ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32]
 KERNEL = c_build.Kernel(SOURCE, {"dropout_select_16": _ARGS, "dropout_select_32": _ARGS})
-MIN_PER_THREAD = c_build.MIN_PER_THREAD  # elements per thread (see lora/c_build.py)
+MIN_PER_THREAD = c_build.MIN_PER_THREAD  # elements per thread (see c_build.py)
 
 
 def threshold(p: float) -> int:

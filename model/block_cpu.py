@@ -7,14 +7,14 @@ many again in backward, then a transposed copy for attention). Each is one sweep
 
 model/llama.py's torch code is the reference and the path wherever the kernels are not used: not on the CPU,
 a dtype other than fp32 / bf16, a trained RMSNorm weight (∂w: only train_base.py), BEZOAR_C_KERNELS=0, or
-no compiler (lora/c_build.py builds and caches the library).
+no compiler (c_build.py builds and caches the library).
 """
 import ctypes
 import os
 
 import torch
 
-from lora import c_build
+import c_build
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "block_kernel.c")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -24,7 +24,7 @@ _ROT = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _I, ctypes.c_flo
 KERNEL = c_build.Kernel(SOURCE, {"rmsnorm_forward_f32": _NORM_F, "rmsnorm_forward_bf16": _NORM_F,
                                  "rmsnorm_backward_f32": _NORM_B, "rmsnorm_backward_bf16": _NORM_B,
                                  "rotary_f32": _ROT, "rotary_bf16": _ROT})
-MIN_PER_THREAD = c_build.MIN_PER_THREAD  # elements per thread (see lora/c_build.py)
+MIN_PER_THREAD = c_build.MIN_PER_THREAD  # elements per thread (see c_build.py)
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 

@@ -1,6 +1,6 @@
 /* Two passes of a LLaMA block in one sweep each on the CPU: RMSNorm (forward, ∂x) and rotary embeddings
  * (forward, ∂x). The fast path of model/llama.py's RMSNormFunction and RotaryFunction; the torch code there is
- * the reference (tests/test_block_kernels.py), built by lora/c_build.py, called by model/block_cpu.py.
+ * the reference (tests/test_block_kernels.py), built by c_build.py, called by model/block_cpu.py.
  *
  * Arithmetic in fp32, as torch's: bf16 values are widened (a shift), results rounded to nearest even.
  * RMSNorm rounds where the torch code rounds (x̂ to the input dtype, then w ⊙ x̂), so the values differ from

@@ -5,7 +5,7 @@ import platform
 import pytest
 import torch
 
-from lora import c_build
+import c_build
 from model import block_cpu
 from model.llama import RMSNorm, RotaryFunction, apply_rotary, rotary_cos_sin
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from lora import c_build, dropout
+import c_build
+from lora import dropout
 
 M64 = (1 << 64) - 1
 

@@ -1,11 +1,12 @@
 """The C kernel of NF4 dequantisation (lora/nf4_kernel.c via lora/nf4_cpu.py) against the torch reference code
-of lora/nf4.py, bit for bit, and the build and fallback rules of lora/c_build.py."""
+of lora/nf4.py, bit for bit, and the build and fallback rules of c_build.py."""
 import shutil
 
 import pytest
 import torch
 
-from lora import c_build, nf4_cpu
+import c_build
+from lora import nf4_cpu
 from lora.nf4 import BLOCK_SIZES, quantize_nf4
 
 
