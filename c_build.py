@@ -1,10 +1,19 @@
-"""The project's small C kernels (lora/*_kernel.c): built once per machine, loaded with ctypes, run on threads.
+"""The project's small C kernels (*_kernel.c): built once per machine, loaded with ctypes, run on torch's threads.
 
-Build. The system C compiler (cc, or $CC) with -O3 -march=native, no OpenMP (threads come from Python: a
-ctypes call releases the GIL, so torch.get_num_threads() threads each take a share of the work). A library is
-cached in $BEZOAR_CACHE or ~/.cache/bezoar under a name that hashes its source, the flags, the compiler's
-version and the CPU's flags, so a build for one CPU never runs on another; it is written to a temporary file
-and renamed into place (concurrent builds are safe). Building takes about a second, once per source.
+Build. The system C compiler (cc, or $CC) with -O3 -march=native and -fopenmp. The kernels split their loops
+with OpenMP, and the library they link by name, libgomp.so.1, is the one torch's CPU wheels bring and have
+already loaded, so the dynamic loader hands them torch's own runtime: the same thread pool, the same
+OMP_WAIT_POLICY, no second set of threads. (Before this, Python threads took the shares: each call cost tens
+of microseconds of queueing and GIL hand-offs, and the bench SFT step was faster with every kernel call on one
+thread.) Where -fopenmp does not build, the library is built without it and runs on the calling thread.
+A library is cached in $BEZOAR_CACHE or ~/.cache/bezoar under a name that hashes its source, the flags, the
+compiler's version and the CPU's flags, so a build for one CPU never runs on another; it is written to a
+temporary file and renamed into place (concurrent builds are safe). Building takes about a second, once per
+source.
+
+Like every torch operator, a kernel called with more than one thread in a process forked after its parent ran
+parallel work would wait forever on threads that fork did not copy (GNU OpenMP's rule); forked workers set
+torch.set_num_threads(1), as torch's DataLoader workers do.
 
 Every kernel has a torch reference beside it that computes the same values and runs wherever the kernel
 cannot: BEZOAR_C_KERNELS=0, no compiler, another device or dtype.
@@ -15,32 +24,20 @@ import os
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
-# Values per thread below which a kernel runs on the calling thread alone. Handing work to Python threads
-# costs tens of microseconds a call (the pool's queue, GIL hand-offs) and competes with torch's OpenMP
-# threads: with a threshold of 128K-256K values, the bench SFT step (bench/bench_sft_step.py, bf16, ~500
-# kernel calls on tensors of 0.3-1.4M values) took 0.67-0.73 s; with every in-step call on one thread,
-# 0.52-0.55 s. Large work (a whole 8640 × 3200 weight: 27.6M values) still splits.
-MIN_PER_THREAD = 1 << 21
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-fopenmp"]
+# Values below which a kernel runs on the calling thread alone: starting a parallel region costs a few
+# microseconds with OpenMP's threads awake, tens when they sleep (OMP_WAIT_POLICY=PASSIVE).
+MIN_PARALLEL = 1 << 16
 
 _lock = threading.Lock()
-_pool = {"threads": 0, "executor": None}
 
 
-def _after_fork_in_child():
-    """A forked child has none of its parent's threads: a fresh lock and pool (else the first map() waits
-    forever for workers that do not exist)."""
-    global _lock
-    _lock = threading.Lock()
-    _pool.update(threads=0, executor=None)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+def threads(n: int) -> int:
+    """How many threads a kernel call over n values gets: torch's intra-op count, or 1 for small work."""
+    return torch.get_num_threads() if n >= MIN_PARALLEL else 1
 
 
 def cpu_flags() -> str:
@@ -74,6 +71,9 @@ def build(source: str, signatures: dict, flags=None) -> tuple:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
             os.close(fd)
             done = subprocess.run([cc, *flags, source, "-o", tmp], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0 and "-fopenmp" in flags:               # no OpenMP here: one thread
+                serial = [f for f in flags if f != "-fopenmp"] + ["-Wno-unknown-pragmas"]
+                done = subprocess.run([cc, *serial, source, "-o", tmp], capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 os.unlink(tmp)
                 first = (done.stderr.strip().splitlines() or ["?"])[0]
@@ -115,29 +115,3 @@ class Kernel:
     def set(self, lib, status):
         """Use this library (tests: another build of the same source)."""
         self._lib, self._status = lib, status
-
-
-def executor(threads: int) -> ThreadPoolExecutor:
-    """A pool of `threads` worker threads (made again when the count changes)."""
-    with _lock:
-        if _pool["threads"] != threads:
-            _pool["executor"] = ThreadPoolExecutor(threads, thread_name_prefix="bezoar-c")
-            _pool["threads"] = threads
-        return _pool["executor"]
-
-
-def split(n: int, min_per_thread: int, run, align: int = 1):
-    """run(lo, hi) over [0, n) in torch.get_num_threads() shares of at least min_per_thread items each, the
-    edges on multiples of `align`: the first share on this thread, the others on the pool's; all of it on
-    this thread when one share is enough."""
-    threads = max(1, min(torch.get_num_threads(), n // max(1, min_per_thread)))
-    if n == 0:
-        return
-    if threads == 1:
-        run(0, n)
-        return
-    edges = [min(n, n * i // threads // align * align) for i in range(threads)] + [n]
-    others = [executor(threads - 1).submit(run, edges[i], edges[i + 1]) for i in range(1, threads)]
-    run(edges[0], edges[1])                                # the first share on this thread
-    for f in others:
-        f.result()

@@ -15,9 +15,9 @@ import torch
 import c_build
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "losses_kernel.c")
-_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
+_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+         ctypes.c_int32]
 KERNEL = c_build.Kernel(SOURCE, {"token_logp_grad_f32": _ARGS, "token_logp_grad_bf16": _ARGS})
-MIN_PER_THREAD = c_build.MIN_PER_THREAD  # values per thread (see c_build.py)
 
 
 def usable(z) -> bool:
@@ -31,10 +31,5 @@ def token_logp_grad(z, y, logp, write_grad: bool = True):
     assert z.is_contiguous() and logp.dtype == torch.float32 and logp.is_contiguous() and y.shape == (n,)
     y = y.to(torch.int64).contiguous()
     f = KERNEL.lib.token_logp_grad_f32 if z.dtype == torch.float32 else KERNEL.lib.token_logp_grad_bf16
-    size = z.element_size()
-
-    def rows(lo, hi):
-        f(z.data_ptr() + lo * V * size, y.data_ptr() + lo * 8, logp.data_ptr() + lo * 4, hi - lo, V, int(write_grad))
-
-    c_build.split(n, max(1, MIN_PER_THREAD // max(1, V)), rows)
+    f(z.data_ptr(), y.data_ptr(), logp.data_ptr(), n, V, int(write_grad), min(c_build.threads(z.numel()), max(n, 1)))
     return logp

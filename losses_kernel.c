@@ -5,8 +5,8 @@
  *     z_v ← round(p_v − [v = y]),   p_v = e^(z_v − m) / s          (∂ log p(y) / ∂z = onehot(y) − p, negated)
  * in place (the last step only with write_grad), in three sweeps over a row that stays in cache (32000 values: 64 KB in bf16), where the torch code
  * makes a widened fp32 copy, a softmax, a scatter and a narrowing copy, each over the whole [C, V] chunk.
- * e^x is exp_poly (below: within 2 fp32 ulps); log s is libm's logf, once a row. Rows [0, rows) per call; the
- * caller splits rows between threads.
+ * e^x is exp_poly (below: within 2 fp32 ulps); log s is libm's logf, once a row. Rows are split between
+ * `threads` OpenMP threads (c_build.py: torch's own pool).
  */
 #include <math.h>
 #include <stdint.h>
@@ -86,7 +86,9 @@ static inline void store16_bf16(uint16_t *p, __m512 v) {   /* to_bf16 on 16 lane
 #define F32(v) (v)
 
 #define TOKEN_LOGP_GRAD(NAME, S, T, LOAD, STORE)                                                         \
-    void NAME(T *z, const int64_t *y, float *logp, int64_t rows, int64_t V, int32_t write_grad) {        \
+    void NAME(T *z, const int64_t *y, float *logp, int64_t rows, int64_t V, int32_t write_grad,          \
+              int32_t threads) {                                                                         \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")                \
         for (int64_t i = 0; i < rows; i++) {                                                             \
             T *zi = z + i * V;                                                                           \
             const int64_t target = y[i];                                                                 \

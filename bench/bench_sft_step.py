@@ -38,7 +38,8 @@ and quantised one tensor at a time, so the dense model never exists.
 
 --profile runs one more step in each child under torch.profiler and prints where its time goes: self CPU
 time of matmuls (with the in-step matmul GFLOP/s they achieve, against the 2048³ rate of the roofline),
-the fused attention kernels, dropout's random draws, all other operators, and Python/autograd.
+the fused attention kernels, dropout's random draws, all other operators, and Python/autograd (with our C
+kernels, which the profiler does not see as operators).
 
     python bench/bench_sft_step.py [--rounds 2] [--steps 4] [--ckpt 8,4] [--no-peer] [--no-3b] [--dtypes fp32,bf16]
                                    [--profile]
@@ -192,9 +193,11 @@ PROFILE_GROUPS = {   # torch.profiler operator name -> group (self CPU time); se
 
 def profile_groups(step):
     """Run step() once under torch.profiler; its self CPU time in ms per group: matmul, attention (the
-    fused SDPA kernels), rng (dropout's random draws), aten (every other operator: elementwise, copies,
-    softmax, reductions), python (what no operator accounts for: autograd Functions' Python code, the
-    engine, module calls; the profiler's own per-operator cost lands here too)."""
+    fused SDPA kernels), rng (dropout's random draws: the peer's masks; ours draws one seed a call), aten
+    (every other operator: elementwise, copies, softmax, reductions), python (what no operator accounts for:
+    autograd Functions' Python code and, for ours, the C kernels they call through ctypes (NF4, dropout,
+    RMSNorm, rotary, the loss's softmax), the engine, module calls; the profiler's own per-operator cost
+    lands here too)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()

@@ -27,9 +27,8 @@ import c_build
 GAMMA = 0x9E3779B97F4A7C15
 MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dropout_kernel.c")
-_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32]
+_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int32]
 KERNEL = c_build.Kernel(SOURCE, {"dropout_select_16": _ARGS, "dropout_select_32": _ARGS})
-MIN_PER_THREAD = c_build.MIN_PER_THREAD  # elements per thread (see c_build.py)
 
 
 def threshold(p: float) -> int:
@@ -91,10 +90,5 @@ def select(x, seed: int, p: float, out=None):
         return torch.where(keep_mask(x.shape, seed, p, x.device), x, torch.zeros((), dtype=x.dtype, device=x.device),
                            out=out)
     f = KERNEL.lib.dropout_select_16 if x.element_size() == 2 else KERNEL.lib.dropout_select_32
-    src, dst, size = x.data_ptr(), out.data_ptr(), x.element_size()
-
-    def part(lo, hi):                                   # elements [lo, hi); lo a multiple of 32
-        f(src + lo * size, dst + lo * size, lo, hi - lo, seed, t)
-
-    c_build.split(x.numel(), MIN_PER_THREAD, part, align=32)
+    f(x.data_ptr(), out.data_ptr(), x.numel(), seed, t, c_build.threads(x.numel()))
     return out

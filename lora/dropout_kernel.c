@@ -9,9 +9,8 @@
  * all get the same mask from the same seed. lora/dropout.py holds the same formula in torch ops (the reference
  * every result is tested against, and the path on other devices).
  *
- * dropout_select_16 / _32 copy the elements [start, start + n) of `in` to `out` where kept and write zero where
- * dropped, on raw 16- or 32-bit patterns (bf16 / fp32: no arithmetic, so no rounding); out may be in (in
- * place). `start` is a multiple of 4 (the caller splits a tensor between threads on hash-group boundaries).
+ * dropout_select_16 / _32 copy the n elements of `in` to `out` where kept and write zero where dropped, on raw
+ * 16- or 32-bit patterns (bf16 / fp32: no arithmetic, so no rounding); out may be in (in place).
  * With AVX-512 (BW, DQ), 8 hashes a step: their 512 bits are, read as 32 little-endian uint16, the uniforms of
  * 32 consecutive elements in order, so one unsigned compare gives the 32-bit keep mask of a masked load.
  */
@@ -67,9 +66,10 @@ static int64_t vector_part_32(const uint32_t *in, uint32_t *out, uint64_t g0, in
 #define VECTOR_PART(BITS, in, out, g0, n, seed, t) 0
 #endif
 
-/* the plain loop: elements [done, n) of the call, hash groups from g0 */
-#define DROPOUT_SELECT(NAME, BITS, T)                                                                    \
-    void NAME(const T *in, T *out, int64_t start, int64_t n, uint64_t seed, uint32_t threshold) {          \
+/* elements [start, start + n) of the tensor (in, out pointing at element start); the plain loop does
+ * elements [done, n) of the range, hash groups from g0 */
+#define SELECT_RANGE(NAME, BITS, T)                                                                      \
+    static void NAME(const T *in, T *out, int64_t start, int64_t n, uint64_t seed, uint32_t threshold) {   \
         const uint64_t g0 = (uint64_t)start / 4;                                                          \
         const int64_t done = VECTOR_PART(BITS, in, out, g0, n, seed, threshold);   /* a multiple of 4 */  \
         const int64_t groups = n / 4;                                                                     \
@@ -89,5 +89,20 @@ static int64_t vector_part_32(const uint32_t *in, uint32_t *out, uint64_t g0, in
         }                                                                                                 \
     }
 
-DROPOUT_SELECT(dropout_select_16, 16, uint16_t)
-DROPOUT_SELECT(dropout_select_32, 32, uint32_t)
+SELECT_RANGE(select_range_16, 16, uint16_t)
+SELECT_RANGE(select_range_32, 32, uint32_t)
+
+/* the whole tensor of n elements, in `threads` parts on OpenMP threads (c_build.py: torch's own pool), the
+ * parts' edges on multiples of 32 elements (whole hash groups, whole vector steps) */
+#define DROPOUT_SELECT(NAME, RANGE, T)                                                                   \
+    void NAME(const T *in, T *out, int64_t n, uint64_t seed, uint32_t threshold, int32_t threads) {        \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")                \
+        for (int32_t part = 0; part < threads; part++) {                                                 \
+            const int64_t lo = n * part / threads / 32 * 32;                                             \
+            const int64_t hi = part + 1 == threads ? n : n * (part + 1) / threads / 32 * 32;             \
+            RANGE(in + lo, out + lo, lo, hi - lo, seed, threshold);                                      \
+        }                                                                                                \
+    }
+
+DROPOUT_SELECT(dropout_select_16, select_range_16, uint16_t)
+DROPOUT_SELECT(dropout_select_32, select_range_32, uint32_t)

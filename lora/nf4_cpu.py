@@ -7,7 +7,7 @@ same arithmetic in one pass; lora/nf4.py keeps the torch code as the reference t
 against (tests/test_nf4_cpu.py: bit for bit, fp32 and bf16, every block size) and as the path wherever the
 kernel is not there.
 
-Build: c_build.py (once per machine, cached; threads from Python).
+Build: c_build.py (once per machine, cached; the rows split on torch's OpenMP threads).
 
 A whole weight's output is a fresh buffer whose first touch (page faults) costs more than the kernel itself;
 dequantize() asks for huge pages for it first (advise_huge_pages).
@@ -25,9 +25,9 @@ import torch
 import c_build
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nf4_kernel.c")
-_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4
+_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
+    [ctypes.c_int64] * 4 + [ctypes.c_int32]
 KERNEL = c_build.Kernel(SOURCE, {"nf4_dequantize_f32": _ARGS, "nf4_dequantize_bf16": _ARGS})
-MIN_BLOCKS_PER_THREAD = c_build.MIN_PER_THREAD // 64   # blocks of 64 per thread (see c_build.py)
 HUGE_PAGE, MADV_HUGEPAGE = 2 << 20, 14  # Linux's transparent huge pages (x86-64, arm64 with 4 KiB base pages)
 HUGE_PAGE_MIN_BYTES = 16 << 20        # outputs this large ask for huge pages (advise_huge_pages)
 _libc = {}
@@ -71,10 +71,7 @@ def dequantize_blocks(out, packed, absmax, level):
     f = KERNEL.lib.nf4_dequantize_f32 if out.dtype == torch.float32 else KERNEL.lib.nf4_dequantize_bf16
     level = level.contiguous()
 
-    def rows(lo, hi):                                  # the kernel on rows [lo, hi)
-        if hi > lo:
-            f(packed[lo].data_ptr(), packed.stride(0), absmax[lo].data_ptr(), absmax.stride(0), level.data_ptr(),
-              out[lo].data_ptr(), out.stride(0), hi - lo, C // bs, bs)
-
-    c_build.split(R, max(1, MIN_BLOCKS_PER_THREAD * bs // C), rows)
+    if R:
+        f(packed.data_ptr(), packed.stride(0), absmax.data_ptr(), absmax.stride(0), level.data_ptr(),
+          out.data_ptr(), out.stride(0), R, C // bs, bs, min(c_build.threads(R * C), R))
     return out

@@ -11,7 +11,7 @@
  * every block size bitsandbytes accepts is): row i reads its bytes at packed + i·packed_stride, its absmax
  * values at absmax + i·absmax_stride and writes at out + i·out_stride (strides in elements), so a tile of
  * columns of a weight is dequantised in place, and a whole weight is rows = nb, blocks = 1. The caller
- * does a short last block, and splits the rows between threads.
+ * does a short last block. Rows are split between `threads` OpenMP threads (c_build.py: torch's own pool).
  * With AVX-512 (compiled with -march=native on a CPU that has it) 32 values a step: 16 bytes are widened
  * to 16 int32, split into high and low nibbles, looked up with one permute each in a register holding the
  * 16 products, and interleaved back into value order. Elsewhere, plain C that the compiler vectorises.
@@ -30,12 +30,13 @@ static inline uint16_t bf16_bits(float f) {
 }
 
 #define FOR_EACH_BLOCK                                                                                  \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")                   \
     for (int64_t i = 0; i < rows; i++)                                                                  \
         for (int64_t c = 0; c < blocks; c++)
 
 void nf4_dequantize_f32(const uint8_t *packed, int64_t packed_stride, const float *absmax_rows,
                         int64_t absmax_stride, const float *level, float *out, int64_t out_stride,
-                        int64_t rows, int64_t blocks, int64_t bs) {
+                        int64_t rows, int64_t blocks, int64_t bs, int32_t threads) {
     FOR_EACH_BLOCK {
         const uint8_t *p = packed + i * packed_stride + c * (bs / 2);   /* [bs/2] bytes of the block */
         const float *absmax = absmax_rows + i * absmax_stride + c;       /* its absmax */
@@ -64,7 +65,7 @@ void nf4_dequantize_f32(const uint8_t *packed, int64_t packed_stride, const floa
 
 void nf4_dequantize_bf16(const uint8_t *packed, int64_t packed_stride, const float *absmax_rows,
                          int64_t absmax_stride, const float *level, uint16_t *out, int64_t out_stride,
-                         int64_t rows, int64_t blocks, int64_t bs) {
+                         int64_t rows, int64_t blocks, int64_t bs, int32_t threads) {
     FOR_EACH_BLOCK {
         const uint8_t *p = packed + i * packed_stride + c * (bs / 2);
         const float *absmax = absmax_rows + i * absmax_stride + c;

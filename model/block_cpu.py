@@ -18,13 +18,13 @@ import c_build
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "block_kernel.c")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_NORM_F = [_P, _P, _P, _P, _I, _I, ctypes.c_float]
-_NORM_B = [_P, _P, _P, _P, _P, _I, _I]
-_ROT = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float]
+_T = ctypes.c_int32                   # threads
+_NORM_F = [_P, _P, _P, _P, _I, _I, ctypes.c_float, _T]
+_NORM_B = [_P, _P, _P, _P, _P, _I, _I, _T]
+_ROT = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, ctypes.c_float, _T]
 KERNEL = c_build.Kernel(SOURCE, {"rmsnorm_forward_f32": _NORM_F, "rmsnorm_forward_bf16": _NORM_F,
                                  "rmsnorm_backward_f32": _NORM_B, "rmsnorm_backward_bf16": _NORM_B,
                                  "rotary_f32": _ROT, "rotary_bf16": _ROT})
-MIN_PER_THREAD = c_build.MIN_PER_THREAD  # elements per thread (see c_build.py)
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -39,22 +39,14 @@ def _fn(name, dtype):
     return getattr(KERNEL.lib, f"{name}_{_SUFFIX[dtype]}")
 
 
-def _split_rows(rows, per_row, run):
-    c_build.split(rows, max(1, MIN_PER_THREAD // max(1, per_row)), run)
-
-
 def rmsnorm_forward(x, weight, eps: float):
     """(y [..., D] in x's dtype, r [..., 1] fp32) for contiguous x and weight [D] in the same dtype."""
     D = x.shape[-1]
     x = x.contiguous()
     y, r = torch.empty_like(x), torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
-    f, size = _fn("rmsnorm_forward", x.dtype), x.element_size()
-
-    def rows(lo, hi):
-        f(x.data_ptr() + lo * D * size, weight.data_ptr(), y.data_ptr() + lo * D * size,
-          r.data_ptr() + lo * 4, hi - lo, D, eps)
-
-    _split_rows(x.numel() // D if D else 0, D, rows)
+    rows = x.numel() // D if D else 0
+    _fn("rmsnorm_forward", x.dtype)(x.data_ptr(), weight.data_ptr(), y.data_ptr(), r.data_ptr(), rows, D, eps,
+                                    min(c_build.threads(x.numel()), max(rows, 1)))
     return y, r
 
 
@@ -63,13 +55,9 @@ def rmsnorm_backward(x, weight, r, grad_y):
     D = x.shape[-1]
     x, grad_y, r = x.contiguous(), grad_y.contiguous(), r.contiguous()
     grad_x = torch.empty_like(x)
-    f, size = _fn("rmsnorm_backward", x.dtype), x.element_size()
-
-    def rows(lo, hi):
-        f(x.data_ptr() + lo * D * size, weight.data_ptr(), r.data_ptr() + lo * 4,
-          grad_y.data_ptr() + lo * D * size, grad_x.data_ptr() + lo * D * size, hi - lo, D)
-
-    _split_rows(x.numel() // D if D else 0, D, rows)
+    rows = x.numel() // D if D else 0
+    _fn("rmsnorm_backward", x.dtype)(x.data_ptr(), weight.data_ptr(), r.data_ptr(), grad_y.data_ptr(),
+                                     grad_x.data_ptr(), rows, D, min(c_build.threads(x.numel()), max(rows, 1)))
     return grad_x
 
 
@@ -79,12 +67,8 @@ def rotary(x, cos, sin, out, sign: float):
     [B, 1, T, Dh] contiguous. Returns out."""
     B, T, H, Dh = x.shape
     assert x.stride(3) == out.stride(3) == 1 and cos.is_contiguous() and sin.is_contiguous()
-    f, size = _fn("rotary", x.dtype), x.element_size()
     cos, sin = cos.expand(B, 1, T, Dh).contiguous(), sin.expand(B, 1, T, Dh).contiguous()
-
-    def pairs(lo, hi):                                  # (b, t) pairs [lo, hi) of the flattened B × T
-        f(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), out.data_ptr(), out.stride(0), out.stride(1),
-          out.stride(2), cos.data_ptr(), sin.data_ptr(), lo, hi - lo, T, H, Dh, sign)
-
-    _split_rows(B * T, H * Dh, pairs)
+    _fn("rotary", x.dtype)(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), out.data_ptr(), out.stride(0),
+                           out.stride(1), out.stride(2), cos.data_ptr(), sin.data_ptr(), B, T, H, Dh, sign,
+                           min(c_build.threads(x.numel()), max(B * T, 1)))
     return out

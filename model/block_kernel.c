@@ -7,7 +7,7 @@
  * torch's only where the fp32 sum of squares, added in another order, differs in its last bits. Rotary
  * rounds once where torch rounds three times (x·cos, rot(x)·sin, their sum): within one bf16 rounding of it.
  *
- * Every function does rows [0, rows) (or (b, t) pairs); the caller splits them between threads.
+ * Rows (or (b, t) pairs) are split between `threads` OpenMP threads (c_build.py: torch's own pool).
  */
 #include <math.h>
 #include <stdint.h>
@@ -32,7 +32,8 @@ static inline uint16_t to_bf16(float f) {          /* round to nearest even; NaN
 /* ---- RMSNorm: r = 1 / sqrt(mean(x²) + eps), y = w ⊙ round(x r) ---------------------------------------- */
 
 #define RMSNORM_FORWARD(NAME, T, LOAD, STORE)                                                            \
-    void NAME(const T *x, const T *w, T *y, float *r, int64_t rows, int64_t D, float eps) {             \
+    void NAME(const T *x, const T *w, T *y, float *r, int64_t rows, int64_t D, float eps, int32_t threads) { \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")               \
         for (int64_t i = 0; i < rows; i++) {                                                            \
             const T *xi = x + i * D;                                                                    \
             T *yi = y + i * D;                                                                          \
@@ -51,7 +52,9 @@ static inline uint16_t to_bf16(float f) {          /* round to nearest even; NaN
 
 /* ∂x = r (g − x̂ mean(g x̂)) = r g − r³ x Σ(g x) / D, with g = round(∂y ⊙ w) (as the torch code) */
 #define RMSNORM_BACKWARD(NAME, T, LOAD, STORE)                                                           \
-    void NAME(const T *x, const T *w, const float *r, const T *gy, T *gx, int64_t rows, int64_t D) {      \
+    void NAME(const T *x, const T *w, const float *r, const T *gy, T *gx, int64_t rows, int64_t D,        \
+              int32_t threads) {                                                                        \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")               \
         for (int64_t i = 0; i < rows; i++) {                                                            \
             const T *xi = x + i * D, *gi = gy + i * D;                                                  \
             T *oi = gx + i * D;                                                                         \
@@ -81,14 +84,14 @@ RMSNORM_BACKWARD(rmsnorm_backward_bf16, uint16_t, from_bf16, to_bf16)
  * and ∂x is the rotation by −angle (sign = −1). x is read at x + b·sxb + t·sxt + h·sxh, out written at
  * out + b·sob + t·sot + h·soh (element strides; the last dim contiguous in both), so the kernel also moves
  * [B, T, H, Dh] (a projection's output) to [B, H, T, Dh] (attention's layout) and back. cos and sin are
- * [B, T, Dh] contiguous (both halves equal, as rotary_cos_sin makes them); one call does (b, t) pairs
- * [first, first + pairs) of the flattened B × T. */
+ * [B, T, Dh] contiguous (both halves equal, as rotary_cos_sin makes them). */
 #define ROTARY(NAME, T, LOAD, STORE)                                                                     \
     void NAME(const T *x, int64_t sxb, int64_t sxt, int64_t sxh, T *out, int64_t sob, int64_t sot,       \
-              int64_t soh, const T *cos, const T *sin, int64_t first, int64_t pairs, int64_t Tn, int64_t H, \
-              int64_t Dh, float sign) {                                                                  \
+              int64_t soh, const T *cos, const T *sin, int64_t B, int64_t Tn, int64_t H, int64_t Dh,      \
+              float sign, int32_t threads) {                                                             \
         const int64_t half = Dh / 2;                                                                     \
-        for (int64_t p = first; p < first + pairs; p++) {                                                \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")                \
+        for (int64_t p = 0; p < B * Tn; p++) {                                                           \
             const int64_t b = p / Tn, t = p % Tn;                                                        \
             const T *c = cos + p * Dh, *s = sin + p * Dh;                                                \
             for (int64_t h = 0; h < H; h++) {                                                            \

@@ -102,7 +102,7 @@ def test_rotary_backward_is_the_adjoint_of_forward_and_gradchecks():
 
 
 def test_rotary_kernel_splits_between_threads_like_one_thread(monkeypatch):
-    monkeypatch.setattr(block_cpu, "MIN_PER_THREAD", 1)
+    monkeypatch.setattr(c_build, "MIN_PARALLEL", 1)
     x, cos, sin = rotary_inputs(3, 11, 4, 32, torch.bfloat16, seed=4)
     prev = torch.get_num_threads()
     outs = []

@@ -56,7 +56,7 @@ def test_the_kernel_selects_exactly_the_formulas_elements(dtype, n):
 
 
 def test_threads_split_on_hash_groups_and_give_the_one_thread_result(monkeypatch):
-    monkeypatch.setattr(dropout, "MIN_PER_THREAD", 64)
+    monkeypatch.setattr(c_build, "MIN_PARALLEL", 64)
     x = torch.randn(3, 1001).bfloat16()
     prev = torch.get_num_threads()
     try:

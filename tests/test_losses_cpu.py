@@ -71,7 +71,7 @@ def test_the_frozen_head_loss_gives_the_torch_paths_values_and_gradients(dtype, 
 
 
 def test_threads_give_the_one_thread_result(monkeypatch):
-    monkeypatch.setattr(losses_cpu, "MIN_PER_THREAD", 1)
+    monkeypatch.setattr(c_build, "MIN_PARALLEL", 1)
     z, y = logits(7, 500, torch.bfloat16), torch.arange(7) * 3
     prev = torch.get_num_threads()
     results = []

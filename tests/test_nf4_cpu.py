@@ -1,5 +1,6 @@
 """The C kernel of NF4 dequantisation (lora/nf4_kernel.c via lora/nf4_cpu.py) against the torch reference code
 of lora/nf4.py, bit for bit, and the build and fallback rules of c_build.py."""
+import os
 import shutil
 
 import pytest
@@ -56,12 +57,12 @@ def test_tiny_huge_and_zero_blocks_round_as_torch_does(dtype, monkeypatch):
 def test_blocks_split_between_threads_give_the_same_result(monkeypatch):
     torch.manual_seed(0)
     q = quantize_nf4(torch.randn(512, 1024))        # 8192 blocks
-    monkeypatch.setattr(nf4_cpu, "MIN_BLOCKS_PER_THREAD", 1000)
+    monkeypatch.setattr(c_build, "MIN_PARALLEL", 1000)
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = q.dequantize(torch.float32)
-        torch.set_num_threads(3)                    # uneven shares: 2730, 2731, 2731 blocks
+        torch.set_num_threads(3)                    # uneven shares of 512 rows
         three = q.dequantize(torch.float32)
     finally:
         torch.set_num_threads(prev)
@@ -147,20 +148,38 @@ def test_huge_pages_are_asked_for_the_aligned_inside_of_large_cpu_tensors_only()
     assert big.sum().item() == 1.5 * big.numel()
 
 
-def test_a_forked_child_dequantizes_with_threads_after_its_parent_did(monkeypatch):
-    """The thread pool does not survive fork(): the child makes its own instead of waiting on the parent's.
+def test_the_kernels_run_on_torchs_own_openmp_runtime():
+    """Built with -fopenmp, each library links libgomp.so.1 by name, and the loader hands it the copy torch
+    already loaded: no second libgomp.so.1 (say, the system's) is mapped, so the kernels' parallel loops run
+    on torch's thread pool (Linux with torch's GNU OpenMP). Other wheels may bring their own renamed copies
+    (sentencepiece's libgomp-<hash>.so.1): those are theirs, under another name."""
+    import sys
+    from lora import dropout
+    from model import block_cpu
+    import losses_cpu
+    for kernel in (nf4_cpu.KERNEL, dropout.KERNEL, block_cpu.KERNEL, losses_cpu.KERNEL):
+        assert kernel.lib is not None, kernel.status
+    if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("the runtime check reads /proc/self/maps and applies to torch built with GNU OpenMP")
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if line.split()[-1].rsplit("/", 1)[-1].startswith("libgomp.so")}
+    assert len(runtimes) == 1 and os.path.dirname(torch.__file__) in runtimes.pop(), runtimes
+
+
+def test_a_forked_child_with_one_thread_dequantizes_after_its_parent_ran_threads(monkeypatch):
+    """GNU OpenMP's threads do not survive fork(), for torch's operators and these kernels alike; a forked
+    worker that sets one thread (as torch's DataLoader workers do) runs every kernel on its own thread.
 
     The child hands back bytes, not a tensor: torch's pickler would copy a tensor into shared memory with an
-    OpenMP loop, and GNU OpenMP hangs in a forked child once the parent has run parallel regions (torch's
-    own limitation, not this module's; DataLoader workers sidestep it with one thread)."""
+    OpenMP loop of the parent's thread count."""
     import multiprocessing as mp
-    monkeypatch.setattr(nf4_cpu, "MIN_BLOCKS_PER_THREAD", 16)
+    monkeypatch.setattr(c_build, "MIN_PARALLEL", 16)
     torch.manual_seed(3)
     q = quantize_nf4(torch.randn(64, 1024))
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        want = q.dequantize(torch.float32)                      # the parent's pool now exists
+        want = q.dequantize(torch.float32)                      # the parent's OpenMP threads now exist
         ctx = mp.get_context("fork")
         with ctx.Pool(1) as pool:
             got = pool.apply_async(_dequantize_in_child, (q,)).get(timeout=60)
@@ -170,8 +189,5 @@ def test_a_forked_child_dequantizes_with_threads_after_its_parent_did(monkeypatc
 
 
 def _dequantize_in_child(q):
-    torch.set_num_threads(2)
-    assert c_build._pool["executor"] is None                   # the parent's pool was not inherited
-    out = q.dequantize(torch.float32)
-    assert c_build._pool["executor"] is not None               # ...and the child made its own
-    return out.numpy().tobytes()
+    torch.set_num_threads(1)
+    return q.dequantize(torch.float32).numpy().tobytes()
