@@ -1,9 +1,10 @@
-"""The CPU fast path of two LLaMA block passes: model/block_kernel.c (RMSNorm, rotary), through ctypes.
+"""The CPU fast path of three LLaMA block passes: model/block_kernel.c (RMSNorm, rotary, SwiGLU), via ctypes.
 
 Why. In the bench step (bench/bench_sft_step.py, bf16, batch 4 × 256, hidden 512) RMSNorm's forward and
 backward in torch ops took ~66 ms a step (casts to fp32 and back, a reduction, five elementwise passes, each
-a new buffer) and rotary embeddings ~45 ms (x·cos, a negated and concatenated copy, ·sin, a sum, and as
-many again in backward, then a transposed copy for attention). Each is one sweep in C.
+a new buffer), rotary embeddings ~45 ms (x·cos, a negated and concatenated copy, ·sin, a sum, and as
+many again in backward, then a transposed copy for attention) and SwiGLU's silu(g) ⊙ u ~30 ms (silu and a
+multiply; in backward silu's gradient and two multiplies). Each is one sweep in C.
 
 model/llama.py's torch code is the reference and the path wherever the kernels are not used: not on the CPU,
 a dtype other than fp32 / bf16, a trained RMSNorm weight (∂w: only train_base.py), BEZOAR_C_KERNELS=0, or
@@ -22,9 +23,12 @@ _T = ctypes.c_int32                   # threads
 _NORM_F = [_P, _P, _P, _P, _I, _I, ctypes.c_float, _T]
 _NORM_B = [_P, _P, _P, _P, _P, _I, _I, _T]
 _ROT = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, ctypes.c_float, _T]
+_GLU_F, _GLU_B = [_P, _P, _P, _I, _T], [_P, _P, _P, _P, _P, _I, _T]
 KERNEL = c_build.Kernel(SOURCE, {"rmsnorm_forward_f32": _NORM_F, "rmsnorm_forward_bf16": _NORM_F,
                                  "rmsnorm_backward_f32": _NORM_B, "rmsnorm_backward_bf16": _NORM_B,
-                                 "rotary_f32": _ROT, "rotary_bf16": _ROT})
+                                 "rotary_f32": _ROT, "rotary_bf16": _ROT,
+                                 "swiglu_forward_f32": _GLU_F, "swiglu_forward_bf16": _GLU_F,
+                                 "swiglu_backward_f32": _GLU_B, "swiglu_backward_bf16": _GLU_B})
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -72,3 +76,21 @@ def rotary(x, cos, sin, out, sign: float):
                            out.stride(1), out.stride(2), cos.data_ptr(), sin.data_ptr(), B, T, H, Dh, sign,
                            min(c_build.threads(x.numel()), max(B * T, 1)))
     return out
+
+
+def swiglu_forward(gate, up):
+    """silu(gate) ⊙ up, a new tensor, for gate and up of one shape and dtype."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    _fn("swiglu_forward", gate.dtype)(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
+                                      c_build.threads(gate.numel()))
+    return out
+
+
+def swiglu_backward(gate, up, grad_out):
+    """(∂gate, ∂up) of silu(gate) ⊙ up."""
+    gate, up, grad_out = gate.contiguous(), up.contiguous(), grad_out.contiguous()
+    grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+    _fn("swiglu_backward", gate.dtype)(gate.data_ptr(), up.data_ptr(), grad_out.data_ptr(), grad_gate.data_ptr(),
+                                       grad_up.data_ptr(), gate.numel(), c_build.threads(gate.numel()))
+    return grad_gate, grad_up

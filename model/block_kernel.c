@@ -1,17 +1,22 @@
-/* Two passes of a LLaMA block in one sweep each on the CPU: RMSNorm (forward, ∂x) and rotary embeddings
- * (forward, ∂x). The fast path of model/llama.py's RMSNormFunction and RotaryFunction; the torch code there is
- * the reference (tests/test_block_kernels.py), built by c_build.py, called by model/block_cpu.py.
+/* Three passes of a LLaMA block in one sweep each on the CPU: RMSNorm, rotary embeddings and SwiGLU's gate,
+ * forward and ∂x. The fast path of model/llama.py's RMSNormFunction, RotaryFunction and SwiGLUFunction; the
+ * torch code there is the reference (tests/test_block_kernels.py), built by c_build.py, called by
+ * model/block_cpu.py.
  *
  * Arithmetic in fp32, as torch's: bf16 values are widened (a shift), results rounded to nearest even.
  * RMSNorm rounds where the torch code rounds (x̂ to the input dtype, then w ⊙ x̂), so the values differ from
  * torch's only where the fp32 sum of squares, added in another order, differs in its last bits. Rotary
  * rounds once where torch rounds three times (x·cos, rot(x)·sin, their sum): within one bf16 rounding of it.
+ * SwiGLU rounds once where torch rounds twice; its e^x and 1/x are within 2 fp32 ulps (exp_poly, recip16).
  *
  * Rows (or (b, t) pairs) are split between `threads` OpenMP threads (c_build.py: torch's own pool).
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 static inline float from_bf16(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -109,3 +114,127 @@ RMSNORM_BACKWARD(rmsnorm_backward_bf16, uint16_t, from_bf16, to_bf16)
 
 ROTARY(rotary_f32, float, F32, F32)
 ROTARY(rotary_bf16, uint16_t, from_bf16, to_bf16)
+
+/* ---- SwiGLU's gate: out = silu(g) ⊙ u, silu(g) = g σ(g), σ(g) = 1 / (1 + e^−g) ------------------------ */
+
+/* e^x without a library call, so that its loops vectorise: x = k ln2 + r with k = round(x / ln2) and
+ * |r| ≤ ln2 / 2 (ln2 in two parts, Cody & Waite 1980, so k ln2 is exact), e^r by its Taylor polynomial of
+ * degree 7 (remainder < 2e-8 relative), times 2^k. x is clamped to [−87, 88], where 2^k stays a normal
+ * float: σ(g) for g < −87 is e^−87 ≈ 1.6e−38 instead of smaller, which no product here can tell apart. */
+static inline float exp_poly(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round: + 1.5·2²³ − 1.5·2²³ */
+    const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+#if defined(__AVX512F__)
+static inline __m512 exp_poly16(__m512 x) {          /* exp_poly on 16 lanes (vscalefps for the 2^k) */
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
+}
+
+/* 1 / d: the 14-bit estimate (vrcp14ps) and one Newton step, r (2 − d r); no divider */
+static inline __m512 recip16(__m512 d) {
+    const __m512 r = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline void store16_f32(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline void store16_bf16(uint16_t *p, __m512 v) {   /* to_bf16 on 16 lanes */
+    const __m512i u = _mm512_castps_si512(v);
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                        _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(rounded));
+}
+
+#define GLU_FORWARD_16(S)                                                                                \
+    const __m512 gv = load16_##S(g + i), one = _mm512_set1_ps(1.0f);                                      \
+    const __m512 s = recip16(_mm512_add_ps(one, exp_poly16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));     \
+    store16_##S(out + i, _mm512_mul_ps(_mm512_mul_ps(gv, s), load16_##S(u + i)));
+
+#define GLU_BACKWARD_16(S)                                                                               \
+    const __m512 gv = load16_##S(g + i), dy = load16_##S(gy + i), one = _mm512_set1_ps(1.0f);            \
+    const __m512 s = recip16(_mm512_add_ps(one, exp_poly16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));     \
+    const __m512 t = _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one);                                     \
+    store16_##S(gg + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dy, load16_##S(u + i)), s), t));         \
+    store16_##S(gu + i, _mm512_mul_ps(_mm512_mul_ps(dy, gv), s));
+
+#define STEP 16
+#else
+#define STEP 1
+#endif
+
+/* one chunk [lo, hi) of the n values, in steps of 16 lanes where the CPU has AVX-512, then one by one */
+#if defined(__AVX512F__)
+#define CHUNKS(n, BODY16, BODY1, S)                                                                      \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")                    \
+    for (int64_t c = 0; c < threads; c++) {                                                              \
+        const int64_t lo = n * c / threads / 16 * 16, hi = c + 1 == threads ? n : n * (c + 1) / threads / 16 * 16; \
+        int64_t i = lo;                                                                                  \
+        for (; i + 16 <= hi; i += 16) { BODY16(S) }                                                      \
+        for (; i < hi; i++) { BODY1 }                                                                    \
+    }
+#else
+#define CHUNKS(n, BODY16, BODY1, S)                                                                      \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")                    \
+    for (int64_t i = 0; i < n; i++) { BODY1 }
+#endif
+
+static inline float silu_times(float g, float u) { return g * (1.0f / (1.0f + exp_poly(-g))) * u; }
+
+/* ∂g = ∂y u σ(g) (1 + g (1 − σ(g))),  ∂u = ∂y g σ(g) */
+static inline void swiglu_grads(float g, float u, float dy, float *dg, float *du) {
+    const float s = 1.0f / (1.0f + exp_poly(-g));
+    *dg = dy * u * s * (1.0f + g * (1.0f - s));
+    *du = dy * g * s;
+}
+
+#define SWIGLU_FORWARD(NAME, S, T, LOAD, STORE)                                                          \
+    void NAME(const T *g, const T *u, T *out, int64_t n, int32_t threads) {                              \
+        CHUNKS(n, GLU_FORWARD_16, { out[i] = STORE(silu_times(LOAD(g[i]), LOAD(u[i]))); }, S)             \
+    }
+
+#define SWIGLU_BACKWARD(NAME, S, T, LOAD, STORE)                                                         \
+    void NAME(const T *g, const T *u, const T *gy, T *gg, T *gu, int64_t n, int32_t threads) {           \
+        CHUNKS(n, GLU_BACKWARD_16, {                                                                     \
+            float dg; float du;                                                                          \
+            swiglu_grads(LOAD(g[i]), LOAD(u[i]), LOAD(gy[i]), &dg, &du);                                 \
+            gg[i] = STORE(dg);                                                                           \
+            gu[i] = STORE(du);                                                                           \
+        }, S)                                                                                            \
+    }
+
+SWIGLU_FORWARD(swiglu_forward_f32, f32, float, F32, F32)
+SWIGLU_FORWARD(swiglu_forward_bf16, bf16, uint16_t, from_bf16, to_bf16)
+SWIGLU_BACKWARD(swiglu_backward_f32, f32, float, F32, F32)
+SWIGLU_BACKWARD(swiglu_backward_bf16, bf16, uint16_t, from_bf16, to_bf16)

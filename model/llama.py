@@ -171,6 +171,30 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
+class SwiGLUFunction(torch.autograd.Function):
+    """silu(g) ⊙ u, silu(g) = g σ(g), with its gradient written out:
+        ∂g = ∂y ⊙ u ⊙ σ(g) (1 + g (1 − σ(g)))        ∂u = ∂y ⊙ silu(g)
+    It keeps g and u (autograd through F.silu(g) * u keeps silu(g) as well). On the CPU, forward and backward
+    are one sweep each of model/block_kernel.c (one rounding in bf16 where the composition rounds twice);
+    elsewhere the torch code below."""
+
+    @staticmethod
+    def forward(ctx, gate, up):                                            # [..., F] ×2
+        ctx.save_for_backward(gate, up)
+        if block_cpu.usable(gate, up):
+            return block_cpu.swiglu_forward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_y):                                             # [..., F]
+        gate, up = ctx.saved_tensors
+        if block_cpu.usable(gate, up, grad_y):
+            return block_cpu.swiglu_backward(gate, up, grad_y)
+        g, u, dy = gate.float(), up.float(), grad_y.float()
+        s = torch.sigmoid(g)
+        return (dy * u * s * (1 + g * (1 - s))).to(gate.dtype), (dy * g * s).to(up.dtype)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) · up(x))."""
 
@@ -182,7 +206,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(Fw, D, bias=False)
 
     def forward(self, x):                                                 # [B, T, D]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, F] → [B, T, D]
+        return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))  # [B, T, F] → [B, T, D]
 
 
 class Block(nn.Module):

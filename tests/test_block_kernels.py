@@ -135,3 +135,55 @@ def test_the_portable_c_loops_give_the_native_builds_values(monkeypatch, tmp_pat
     torch.testing.assert_close(portable[0], native[0], rtol=1e-6, atol=1e-6)
     for a, b in zip(portable[1], native[1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel_and_torch_paths_equal_the_formula_in_fp64(dtype, monkeypatch):
+    """silu(g) ⊙ u and its gradients, both paths, against autograd of the formula in fp64, with g across the
+    exponential's clamp (|g| up to 100) and a length that is not a multiple of 16 (the scalar tail).
+    fp32: 1e-5 relative (e^x and 1/x within 2 ulps); bf16: the inputs are bf16 values, so the fp64 formula
+    on them differs from each path by its roundings only (one for the kernel, two for the torch forward):
+    2⁻⁶ relative."""
+    from model.llama import SwiGLUFunction
+    g = torch.cat([rand(3, 201, seed=1, scale=4).flatten(), torch.tensor([-100.0, -90.0, -30.0, 0.0, 30.0, 90.0])])
+    g, u, dy = g.to(dtype), rand(g.numel(), seed=2, dtype=dtype), rand(g.numel(), seed=3, dtype=dtype)
+    g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
+    y64 = torch.nn.functional.silu(g64) * u64
+    y64.backward(dy.double())
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=1e-3)
+    for path in ("kernel", "torch"):
+        with monkeypatch.context() as m:
+            if path == "torch":
+                torch_path(m)
+            gi, ui = g.clone().requires_grad_(), u.clone().requires_grad_()
+            y = SwiGLUFunction.apply(gi, ui)
+            y.backward(dy)
+        for got, want in ((y, y64), (gi.grad, g64.grad), (ui.grad, u64.grad)):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), want.detach(), **tol)
+
+
+def test_swiglu_threads_and_the_portable_loop_agree(monkeypatch, tmp_path):
+    monkeypatch.setattr(c_build, "MIN_PARALLEL", 1)
+    g, u = rand(1000, seed=4, dtype=torch.bfloat16), rand(1000, seed=5, dtype=torch.bfloat16)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = block_cpu.swiglu_forward(g, u)
+        torch.set_num_threads(3)
+        three = block_cpu.swiglu_forward(g, u)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, three)
+    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
+    march = ["-march=x86-64-v2"] if platform.machine() == "x86_64" else []
+    monkeypatch.setattr(block_cpu.KERNEL, "flags", [f for f in c_build.FLAGS if f != "-march=native"] + march)
+    lib, status = block_cpu.KERNEL.build()
+    assert lib is not None, status
+    saved = block_cpu.KERNEL.lib, block_cpu.KERNEL.status
+    block_cpu.KERNEL.set(lib, status)
+    try:
+        portable = block_cpu.swiglu_forward(g, u)
+    finally:
+        block_cpu.KERNEL.set(*saved)
+    torch.testing.assert_close(portable.float(), one.float(), rtol=2 ** -7, atol=0)
