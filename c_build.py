@@ -1,4 +1,4 @@
-"""The project's small C kernels (*_kernel.c): built once per machine, loaded with ctypes, run on torch's threads.
+"""The project's small C kernels (*_kernel.c, sharing c_kernels.h): built once per machine, loaded with ctypes, run on torch's threads.
 
 Build. The system C compiler (cc, or $CC) with -O3 -march=native and -fopenmp. The kernels split their loops
 with OpenMP, and the library they link by name, libgomp.so.1, is the one torch's CPU wheels bring and have
@@ -6,8 +6,8 @@ already loaded, so the dynamic loader hands them torch's own runtime: the same t
 OMP_WAIT_POLICY, no second set of threads. (Before this, Python threads took the shares: each call cost tens
 of microseconds of queueing and GIL hand-offs, and the bench SFT step was faster with every kernel call on one
 thread.) Where -fopenmp does not build, the library is built without it and runs on the calling thread.
-A library is cached in $BEZOAR_CACHE or ~/.cache/bezoar under a name that hashes its source, the flags, the
-compiler's version and the CPU's flags, so a build for one CPU never runs on another; it is written to a
+A library is cached in $BEZOAR_CACHE or ~/.cache/bezoar under a name that hashes its source (with the headers
+it includes), the flags, the compiler's version and the CPU's flags, so a build for one CPU never runs on another; it is written to a
 temporary file and renamed into place (concurrent builds are safe). Building takes about a second, once per
 source.
 
@@ -21,6 +21,7 @@ cannot: BEZOAR_C_KERNELS=0, no compiler, another device or dtype.
 import ctypes
 import hashlib
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -48,6 +49,16 @@ def cpu_flags() -> str:
         return ""
 
 
+def source_text(source: str) -> bytes:
+    """The bytes of a C file and of the project headers it includes (#include "..."), for the cache key: a
+    change to c_kernels.h rebuilds every kernel that includes it."""
+    with open(source, "rb") as f:
+        text = f.read()
+    for name in re.findall(rb'^\s*#include\s+"([^"]+)"', text, flags=re.M):
+        text += source_text(os.path.join(os.path.dirname(source), name.decode()))
+    return text
+
+
 def build(source: str, signatures: dict, flags=None) -> tuple:
     """(ctypes library or None, status line) for the C file `source`; signatures: {function: argtypes}
     (every function returns void)."""
@@ -60,8 +71,7 @@ def build(source: str, signatures: dict, flags=None) -> tuple:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"no C compiler ({cc}: {e.__class__.__name__}); using the torch path"
-    with open(source, "rb") as f:
-        text = f.read()
+    text = source_text(source)
     key = hashlib.sha256(text + " ".join(flags).encode() + version.encode() + cpu_flags().encode()).hexdigest()
     cache = os.environ.get("BEZOAR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bezoar")
     path = os.path.join(cache, f"{name}-{key[:16]}.so")

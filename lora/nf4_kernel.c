@@ -16,18 +16,7 @@
  * to 16 int32, split into high and low nibbles, looked up with one permute each in a register holding the
  * 16 products, and interleaved back into value order. Elsewhere, plain C that the compiler vectorises.
  */
-#include <stdint.h>
-#include <string.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-/* fp32 → bf16 bits, rounding to nearest even: torch's rule (no NaN can occur: levels and absmax are finite) */
-static inline uint16_t bf16_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
+#include "../c_kernels.h"                         /* to_bf16: fp32 → bf16, rounding to nearest even */
 
 #define FOR_EACH_BLOCK                                                                                  \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")                   \
@@ -71,7 +60,7 @@ void nf4_dequantize_bf16(const uint8_t *packed, int64_t packed_stride, const flo
         const float *absmax = absmax_rows + i * absmax_stride + c;
         uint16_t *o = out + i * out_stride + c * bs;
 #if defined(__AVX512F__)
-        /* the 16 products, rounded to bf16 by the integer rule of bf16_bits, kept in 32-bit lanes */
+        /* the 16 products, rounded to bf16 by the integer rule of to_bf16, kept in 32-bit lanes */
         __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(level), _mm512_set1_ps(*absmax)));
         __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16),
                                                                                     _mm512_set1_epi32(1)));
@@ -86,7 +75,7 @@ void nf4_dequantize_bf16(const uint8_t *packed, int64_t packed_stride, const flo
         }
 #else
         uint16_t table[16];
-        for (int k = 0; k < 16; k++) table[k] = bf16_bits(level[k] * *absmax);
+        for (int k = 0; k < 16; k++) table[k] = to_bf16(level[k] * *absmax);
         for (int64_t j = 0; j < bs / 2; j++) {
             o[2 * j] = table[p[j] >> 4];
             o[2 * j + 1] = table[p[j] & 15];

@@ -7,30 +7,11 @@
  * RMSNorm rounds where the torch code rounds (x̂ to the input dtype, then w ⊙ x̂), so the values differ from
  * torch's only where the fp32 sum of squares, added in another order, differs in its last bits. Rotary
  * rounds once where torch rounds three times (x·cos, rot(x)·sin, their sum): within one bf16 rounding of it.
- * SwiGLU rounds once where torch rounds twice; its e^x and 1/x are within 2 fp32 ulps (exp_poly, recip16).
+ * SwiGLU rounds once where torch rounds twice; its e^x and 1/x are within 2 fp32 ulps (c_kernels.h).
  *
  * Rows (or (b, t) pairs) are split between `threads` OpenMP threads (c_build.py: torch's own pool).
  */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-static inline float from_bf16(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {          /* round to nearest even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
+#include "../c_kernels.h"                         /* from_bf16, to_bf16, exp_poly, the 16-lane forms */
 
 #define LANES 16                                   /* partial sums: lets the compiler vectorise the reduction */
 
@@ -77,8 +58,6 @@ static inline uint16_t to_bf16(float f) {          /* round to nearest even; NaN
         }                                                                                               \
     }
 
-#define F32(v) (v)
-
 RMSNORM_FORWARD(rmsnorm_forward_f32, float, F32, F32)
 RMSNORM_FORWARD(rmsnorm_forward_bf16, uint16_t, from_bf16, to_bf16)
 RMSNORM_BACKWARD(rmsnorm_backward_f32, float, F32, F32)
@@ -117,66 +96,7 @@ ROTARY(rotary_bf16, uint16_t, from_bf16, to_bf16)
 
 /* ---- SwiGLU's gate: out = silu(g) ⊙ u, silu(g) = g σ(g), σ(g) = 1 / (1 + e^−g) ------------------------ */
 
-/* e^x without a library call, so that its loops vectorise: x = k ln2 + r with k = round(x / ln2) and
- * |r| ≤ ln2 / 2 (ln2 in two parts, Cody & Waite 1980, so k ln2 is exact), e^r by its Taylor polynomial of
- * degree 7 (remainder < 2e-8 relative), times 2^k. x is clamped to [−87, 88], where 2^k stays a normal
- * float: σ(g) for g < −87 is e^−87 ≈ 1.6e−38 instead of smaller, which no product here can tell apart. */
-static inline float exp_poly(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round: + 1.5·2²³ − 1.5·2²³ */
-    const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
-    float p = 1.0f / 5040;
-    p = p * r + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const int32_t bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
-}
-
 #if defined(__AVX512F__)
-static inline __m512 exp_poly16(__m512 x) {          /* exp_poly on 16 lanes (vscalefps for the 2^k) */
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, k);
-}
-
-/* 1 / d: the 14-bit estimate (vrcp14ps) and one Newton step, r (2 − d r); no divider */
-static inline __m512 recip16(__m512 d) {
-    const __m512 r = _mm512_rcp14_ps(d);
-    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
-}
-
-static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
-static inline void store16_f32(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
-static inline __m512 load16_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-static inline void store16_bf16(uint16_t *p, __m512 v) {   /* to_bf16 on 16 lanes */
-    const __m512i u = _mm512_castps_si512(v);
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                                        _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(rounded));
-}
-
 #define GLU_FORWARD_16(S)                                                                                \
     const __m512 gv = load16_##S(g + i), one = _mm512_set1_ps(1.0f);                                      \
     const __m512 s = recip16(_mm512_add_ps(one, exp_poly16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));     \
@@ -189,13 +109,7 @@ static inline void store16_bf16(uint16_t *p, __m512 v) {   /* to_bf16 on 16 lane
     store16_##S(gg + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dy, load16_##S(u + i)), s), t));         \
     store16_##S(gu + i, _mm512_mul_ps(_mm512_mul_ps(dy, gv), s));
 
-#define STEP 16
-#else
-#define STEP 1
-#endif
-
-/* one chunk [lo, hi) of the n values, in steps of 16 lanes where the CPU has AVX-512, then one by one */
-#if defined(__AVX512F__)
+/* one chunk [lo, hi) of the n values per thread, in steps of 16 lanes, then one by one */
 #define CHUNKS(n, BODY16, BODY1, S)                                                                      \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")                    \
     for (int64_t c = 0; c < threads; c++) {                                                              \

@@ -1,11 +1,10 @@
 """The C kernels of a LLaMA block (model/block_kernel.c via model/block_cpu.py): RMSNorm forward and ∂x, and
 rotary embeddings forward and ∂x, against the torch code of model/llama.py and the formulas in fp64."""
-import platform
-
 import pytest
 import torch
 
 import c_build
+from kernel_checks import at_thread_counts, portable_build
 from model import block_cpu
 from model.llama import RMSNorm, RotaryFunction, apply_rotary, rotary_cos_sin
 
@@ -104,34 +103,17 @@ def test_rotary_backward_is_the_adjoint_of_forward_and_gradchecks():
 def test_rotary_kernel_splits_between_threads_like_one_thread(monkeypatch):
     monkeypatch.setattr(c_build, "MIN_PARALLEL", 1)
     x, cos, sin = rotary_inputs(3, 11, 4, 32, torch.bfloat16, seed=4)
-    prev = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
-            outs.append(RotaryFunction.apply(x, cos, sin))
-            norm_y, _ = block_cpu.rmsnorm_forward(x.reshape(33, 128), x[0, 0].reshape(128), 1e-6)
-            outs.append(norm_y)
-    finally:
-        torch.set_num_threads(prev)
-    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    one, three = at_thread_counts(lambda: (RotaryFunction.apply(x, cos, sin),
+                                           block_cpu.rmsnorm_forward(x.reshape(33, 128), x[0, 0].reshape(128), 1e-6)[0]))
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
 
 
 def test_the_portable_c_loops_give_the_native_builds_values(monkeypatch, tmp_path):
-    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
-    march = ["-march=x86-64-v2"] if platform.machine() == "x86_64" else []
-    monkeypatch.setattr(block_cpu.KERNEL, "flags", [f for f in c_build.FLAGS if f != "-march=native"] + march)
-    lib, status = block_cpu.KERNEL.build()
-    assert lib is not None, status
     x, cos, sin = rotary_inputs(2, 5, 2, 16, torch.float32, seed=6)
     w = rand(32, seed=7) + 1
     native = (RotaryFunction.apply(x, cos, sin), block_cpu.rmsnorm_forward(x.reshape(10, 32), w, 1e-6))
-    saved = block_cpu.KERNEL.lib, block_cpu.KERNEL.status
-    block_cpu.KERNEL.set(lib, status)
-    try:
+    with portable_build(block_cpu.KERNEL, monkeypatch, tmp_path):
         portable = (RotaryFunction.apply(x, cos, sin), block_cpu.rmsnorm_forward(x.reshape(10, 32), w, 1e-6))
-    finally:
-        block_cpu.KERNEL.set(*saved)
     torch.testing.assert_close(portable[0], native[0], rtol=1e-6, atol=1e-6)
     for a, b in zip(portable[1], native[1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
@@ -166,24 +148,8 @@ def test_swiglu_kernel_and_torch_paths_equal_the_formula_in_fp64(dtype, monkeypa
 def test_swiglu_threads_and_the_portable_loop_agree(monkeypatch, tmp_path):
     monkeypatch.setattr(c_build, "MIN_PARALLEL", 1)
     g, u = rand(1000, seed=4, dtype=torch.bfloat16), rand(1000, seed=5, dtype=torch.bfloat16)
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = block_cpu.swiglu_forward(g, u)
-        torch.set_num_threads(3)
-        three = block_cpu.swiglu_forward(g, u)
-    finally:
-        torch.set_num_threads(prev)
+    one, three = at_thread_counts(lambda: block_cpu.swiglu_forward(g, u))
     assert torch.equal(one, three)
-    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
-    march = ["-march=x86-64-v2"] if platform.machine() == "x86_64" else []
-    monkeypatch.setattr(block_cpu.KERNEL, "flags", [f for f in c_build.FLAGS if f != "-march=native"] + march)
-    lib, status = block_cpu.KERNEL.build()
-    assert lib is not None, status
-    saved = block_cpu.KERNEL.lib, block_cpu.KERNEL.status
-    block_cpu.KERNEL.set(lib, status)
-    try:
+    with portable_build(block_cpu.KERNEL, monkeypatch, tmp_path):
         portable = block_cpu.swiglu_forward(g, u)
-    finally:
-        block_cpu.KERNEL.set(*saved)
     torch.testing.assert_close(portable.float(), one.float(), rtol=2 ** -7, atol=0)

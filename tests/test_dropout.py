@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import c_build
+from kernel_checks import at_thread_counts, portable_build
 from lora import dropout
 
 M64 = (1 << 64) - 1
@@ -58,14 +59,7 @@ def test_the_kernel_selects_exactly_the_formulas_elements(dtype, n):
 def test_threads_split_on_hash_groups_and_give_the_one_thread_result(monkeypatch):
     monkeypatch.setattr(c_build, "MIN_PARALLEL", 64)
     x = torch.randn(3, 1001).bfloat16()
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = dropout.select(x, 5, 0.5)
-        torch.set_num_threads(3)
-        three = dropout.select(x, 5, 0.5)
-    finally:
-        torch.set_num_threads(prev)
+    one, three = at_thread_counts(lambda: dropout.select(x, 5, 0.5))
     assert torch.equal(bits(one), bits(three))
     assert torch.equal(bits(one), bits(torch.where(dropout.keep_mask(x.shape, 5, 0.5), x, 0)))
 
@@ -74,19 +68,9 @@ def test_threads_split_on_hash_groups_and_give_the_one_thread_result(monkeypatch
 def test_the_portable_c_loop_selects_the_same_elements(dtype, monkeypatch, tmp_path):
     """The plain-C loop that CPUs without AVX-512 run, built for a baseline x86-64 (elsewhere: this machine's
     default target)."""
-    import platform
-    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
-    march = ["-march=x86-64-v2"] if platform.machine() == "x86_64" else []
-    monkeypatch.setattr(dropout.KERNEL, "flags", [f for f in c_build.FLAGS if f != "-march=native"] + march)
-    lib, status = dropout.KERNEL.build()
-    assert lib is not None, status
     x = torch.randn(7, 333).to(dtype)
-    native = dropout.KERNEL.lib, dropout.KERNEL.status
-    dropout.KERNEL.set(lib, status)
-    try:
+    with portable_build(dropout.KERNEL, monkeypatch, tmp_path):
         got = dropout.select(x, 77, 0.05)
-    finally:
-        dropout.KERNEL.set(*native)
     assert torch.equal(bits(got), bits(torch.where(dropout.keep_mask(x.shape, 77, 0.05), x, 0)))
 
 

@@ -1,13 +1,12 @@
 """The C kernel of the frozen-lm_head loss's softmax (losses_kernel.c via losses_cpu.py) against the formulas in
 fp64 and against losses.py's torch path."""
-import platform
-
 import pytest
 import torch
 
 import c_build
 import losses
 import losses_cpu
+from kernel_checks import at_thread_counts, portable_build
 
 
 def logits(n, V, dtype, seed=0, scale=4.0):
@@ -73,35 +72,22 @@ def test_the_frozen_head_loss_gives_the_torch_paths_values_and_gradients(dtype, 
 def test_threads_give_the_one_thread_result(monkeypatch):
     monkeypatch.setattr(c_build, "MIN_PARALLEL", 1)
     z, y = logits(7, 500, torch.bfloat16), torch.arange(7) * 3
-    prev = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
-            zi, lp = z.clone(), torch.empty(7)
-            losses_cpu.token_logp_grad(zi, y, lp)
-            results.append((zi, lp))
-    finally:
-        torch.set_num_threads(prev)
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    def run():
+        zi, lp = z.clone(), torch.empty(7)
+        losses_cpu.token_logp_grad(zi, y, lp)
+        return zi, lp
+
+    one, three = at_thread_counts(run)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
 
 
 def test_the_portable_c_loop_is_close_to_the_vector_one(monkeypatch, tmp_path):
     """Baseline x86-64 (no AVX-512): the same formulas, summed in another order."""
-    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
-    march = ["-march=x86-64-v2"] if platform.machine() == "x86_64" else []
-    monkeypatch.setattr(losses_cpu.KERNEL, "flags", [f for f in c_build.FLAGS if f != "-march=native"] + march)
-    lib, status = losses_cpu.KERNEL.build()
-    assert lib is not None, status
     z, y = logits(5, 1000, torch.float32, seed=3), torch.arange(5)
     native = z.clone(), torch.empty(5)
-    losses_cpu.token_logp_grad(*native[:1], y, native[1])
-    saved = losses_cpu.KERNEL.lib, losses_cpu.KERNEL.status
-    losses_cpu.KERNEL.set(lib, status)
-    try:
+    losses_cpu.token_logp_grad(native[0], y, native[1])
+    with portable_build(losses_cpu.KERNEL, monkeypatch, tmp_path):
         portable = z.clone(), torch.empty(5)
         losses_cpu.token_logp_grad(portable[0], y, portable[1])
-    finally:
-        losses_cpu.KERNEL.set(*saved)
     torch.testing.assert_close(portable[0], native[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(portable[1], native[1], rtol=0, atol=1e-5)

@@ -1,5 +1,6 @@
 """The C kernel of NF4 dequantisation (lora/nf4_kernel.c via lora/nf4_cpu.py) against the torch reference code
 of lora/nf4.py, bit for bit, and the build and fallback rules of c_build.py."""
+import ctypes
 import os
 import shutil
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import c_build
+from kernel_checks import at_thread_counts, portable_build
 from lora import nf4_cpu
 from lora.nf4 import BLOCK_SIZES, quantize_nf4
 
@@ -58,14 +60,7 @@ def test_blocks_split_between_threads_give_the_same_result(monkeypatch):
     torch.manual_seed(0)
     q = quantize_nf4(torch.randn(512, 1024))        # 8192 blocks
     monkeypatch.setattr(c_build, "MIN_PARALLEL", 1000)
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = q.dequantize(torch.float32)
-        torch.set_num_threads(3)                    # uneven shares of 512 rows
-        three = q.dequantize(torch.float32)
-    finally:
-        torch.set_num_threads(prev)
+    one, three = at_thread_counts(lambda: q.dequantize(torch.float32))   # 3: uneven shares of 512 rows
     assert torch.equal(one, three) and torch.equal(one, reference(q, torch.float32, monkeypatch))
 
 
@@ -96,25 +91,30 @@ def test_a_build_is_cached_under_a_key_of_source_flags_compiler_and_cpu(monkeypa
     assert len(list(tmp_path.iterdir())) == 2
 
 
+def test_a_change_to_an_included_header_rebuilds_the_kernel(monkeypatch, tmp_path):
+    """The cache key covers the project headers a source includes (c_kernels.h), not the .c file alone."""
+    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "k.h").write_text("static inline int one(void) { return 1; }\n")
+    (tmp_path / "k.c").write_text('#include "k.h"\nvoid f(int *out) { *out = one(); }\n')
+    kernel = c_build.Kernel(str(tmp_path / "k.c"), {"f": [ctypes.c_void_p]})
+    assert kernel.build()[0] is not None
+    (tmp_path / "k.h").write_text("static inline int one(void) { return 2; }\n")
+    lib, status = kernel.build()
+    out = ctypes.c_int(0)
+    lib.f(ctypes.byref(out))
+    assert out.value == 2 and len(list((tmp_path / "cache").iterdir())) == 2
+    assert b"exp_poly" in c_build.source_text(nf4_cpu.SOURCE)                  # via ../c_kernels.h
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_portable_c_path_equals_the_torch_path_too(dtype, monkeypatch, tmp_path):
     """The plain-C loop that CPUs without AVX-512 run, built here for a baseline x86-64 (or this machine's
     default target elsewhere)."""
-    import platform
-    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
-    march = ["-march=x86-64-v2"] if platform.machine() == "x86_64" else []
-    monkeypatch.setattr(nf4_cpu.KERNEL, "flags", [f for f in c_build.FLAGS if f != "-march=native"] + march)
-    lib, status = nf4_cpu.KERNEL.build()
-    assert lib is not None, status
     torch.manual_seed(1)
     q = quantize_nf4(torch.randn(70, 300) * torch.logspace(-3, 3, 300))
     want = reference(q, dtype, monkeypatch)
-    native = nf4_cpu.KERNEL.lib, nf4_cpu.KERNEL.status
-    nf4_cpu.KERNEL.set(lib, status)
-    try:
+    with portable_build(nf4_cpu.KERNEL, monkeypatch, tmp_path):
         got = q.dequantize(dtype)
-    finally:
-        nf4_cpu.KERNEL.set(*native)
     assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
 

@@ -1,0 +1,38 @@
+"""What the C-kernel tests share: one computation under several torch thread counts, and a kernel library
+built for a baseline CPU (the plain-C loops that CPUs without AVX-512 run) swapped in for a while."""
+import contextlib
+import platform
+
+import torch
+
+import c_build
+
+
+def at_thread_counts(fn, counts=(1, 3)):
+    """[fn() under torch.set_num_threads(n) for n in counts] (3 threads: uneven shares); the count restored."""
+    prev = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(prev)
+
+
+@contextlib.contextmanager
+def portable_build(kernel, monkeypatch, tmp_path):
+    """Inside the block, `kernel` (a c_build.Kernel) runs a build without -march=native: for x86-64-v2 on
+    x86-64, the compiler's default target elsewhere; cached under tmp_path."""
+    native = kernel.lib, kernel.status
+    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
+    march = ["-march=x86-64-v2"] if platform.machine() == "x86_64" else []
+    monkeypatch.setattr(kernel, "flags", [f for f in c_build.FLAGS if f != "-march=native"] + march)
+    lib, status = kernel.build()
+    assert lib is not None, status
+    kernel.set(lib, status)
+    try:
+        yield
+    finally:
+        kernel.set(*native)
