@@ -1,17 +1,21 @@
-"""The CPU fast path of three LLaMA block passes: model/block_kernel.c (RMSNorm, rotary, SwiGLU), via ctypes.
+"""The CPU fast path of four LLaMA block passes: model/block_kernel.c (RMSNorm, rotary, SwiGLU, causal
+attention's softmax backward), via ctypes.
 
 Why. In the bench step (bench/bench_sft_step.py, bf16, batch 4 × 256, hidden 512) RMSNorm's forward and
 backward in torch ops took ~66 ms a step (casts to fp32 and back, a reduction, five elementwise passes, each
 a new buffer), rotary embeddings ~45 ms (x·cos, a negated and concatenated copy, ·sin, a sum, and as
 many again in backward, then a transposed copy for attention) and SwiGLU's silu(g) ⊙ u ~30 ms (silu and a
-multiply; in backward silu's gradient and two multiplies). Each is one sweep in C.
+multiply; in backward silu's gradient and two multiplies). Each is one sweep in C. Attention's backward
+(model/llama.py's CausalAttentionFunction) needs the softmax and ∂s between its products: one sweep too.
 
 model/llama.py's torch code is the reference and the path wherever the kernels are not used: not on the CPU,
 a dtype other than fp32 / bf16, a trained RMSNorm weight (∂w: only train_base.py), BEZOAR_C_KERNELS=0, or
 no compiler (c_build.py builds and caches the library).
 """
 import ctypes
+import math
 import os
+import threading
 
 import torch
 
@@ -24,11 +28,13 @@ _NORM_F = [_P, _P, _P, _P, _I, _I, ctypes.c_float, _T]
 _NORM_B = [_P, _P, _P, _P, _P, _I, _I, _T]
 _ROT = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, ctypes.c_float, _T]
 _GLU_F, _GLU_B = [_P, _P, _P, _I, _T], [_P, _P, _P, _P, _P, _I, _T]
+_ATT_B = [_P, _P, _P, _P, _I, _I, ctypes.c_float, _T]
 KERNEL = c_build.Kernel(SOURCE, {"rmsnorm_forward_f32": _NORM_F, "rmsnorm_forward_bf16": _NORM_F,
                                  "rmsnorm_backward_f32": _NORM_B, "rmsnorm_backward_bf16": _NORM_B,
                                  "rotary_f32": _ROT, "rotary_bf16": _ROT,
                                  "swiglu_forward_f32": _GLU_F, "swiglu_forward_bf16": _GLU_F,
-                                 "swiglu_backward_f32": _GLU_B, "swiglu_backward_bf16": _GLU_B})
+                                 "swiglu_backward_f32": _GLU_B, "swiglu_backward_bf16": _GLU_B,
+                                 "attention_softmax_backward_f32": _ATT_B, "attention_softmax_backward_bf16": _ATT_B})
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -94,3 +100,32 @@ def swiglu_backward(gate, up, grad_out):
     _fn("swiglu_backward", gate.dtype)(gate.data_ptr(), up.data_ptr(), grad_out.data_ptr(), grad_gate.data_ptr(),
                                        grad_up.data_ptr(), gate.numel(), c_build.threads(gate.numel()))
     return grad_gate, grad_up
+
+
+def attention_softmax_backward(s, dp, P, dS, scale: float):
+    """Causal attention's softmax backward (model/block_kernel.c) for heads [G, T, T]: from the fp32 scores
+    s = q kᵀ (overwritten) and ∂p = ∂y vᵀ, writes P = softmax(scale · s) and dS = ∂(scale · s) in P's dtype,
+    zero above the diagonal. All contiguous; P and dS may be s and dp (fp32)."""
+    G, T, _ = s.shape
+    assert s.dtype == dp.dtype == torch.float32 and all(t.is_contiguous() for t in (s, dp, P, dS))
+    _fn("attention_softmax_backward", P.dtype)(s.data_ptr(), dp.data_ptr(), P.data_ptr(), dS.data_ptr(), G * T, T,
+                                               scale, min(c_build.threads(s.numel()), max(G * T, 1)))
+
+
+_workspaces = threading.local()
+
+
+def workspace(*specs):
+    """Tensors of the given (shape, dtype) specs, laid out one after another in this thread's workspace: a
+    buffer kept from call to call, grown when too small. Why: a fresh buffer above glibc's mmap threshold is
+    fresh pages, and their faults cost more than the work done in them (attention's forward and backward at
+    the bench shape, bf16: 12 ms a layer in fresh buffers, 7 in this one). Valid until the next call on the same thread."""
+    sizes = [math.prod(shape) * torch.finfo(dtype).bits // 8 for shape, dtype in specs]
+    buf = getattr(_workspaces, "buf", None)
+    if buf is None or buf.numel() < sum(sizes):
+        buf = _workspaces.buf = torch.empty(sum(sizes), dtype=torch.uint8)
+    out, at = [], 0
+    for (shape, dtype), size in zip(specs, sizes):
+        out.append(buf[at:at + size].view(dtype).view(shape))
+        at += size
+    return out

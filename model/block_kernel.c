@@ -1,7 +1,8 @@
-/* Three passes of a LLaMA block in one sweep each on the CPU: RMSNorm, rotary embeddings and SwiGLU's gate,
- * forward and ∂x. The fast path of model/llama.py's RMSNormFunction, RotaryFunction and SwiGLUFunction; the
- * torch code there is the reference (tests/test_block_kernels.py), built by c_build.py, called by
- * model/block_cpu.py.
+/* Four passes of a LLaMA block in one sweep each on the CPU: RMSNorm, rotary embeddings and SwiGLU's gate,
+ * forward and ∂x, and causal attention's softmax in backward. The fast path of model/llama.py's
+ * RMSNormFunction, RotaryFunction, SwiGLUFunction and CausalAttentionFunction; the torch code there (for
+ * attention: SDPA's own backward) is the reference (tests/test_block_kernels.py), built by c_build.py,
+ * called by model/block_cpu.py.
  *
  * Arithmetic in fp32, as torch's: bf16 values are widened (a shift), results rounded to nearest even.
  * RMSNorm rounds where the torch code rounds (x̂ to the input dtype, then w ⊙ x̂), so the values differ from
@@ -152,3 +153,87 @@ SWIGLU_FORWARD(swiglu_forward_f32, f32, float, F32, F32)
 SWIGLU_FORWARD(swiglu_forward_bf16, bf16, uint16_t, from_bf16, to_bf16)
 SWIGLU_BACKWARD(swiglu_backward_f32, f32, float, F32, F32)
 SWIGLU_BACKWARD(swiglu_backward_bf16, bf16, uint16_t, from_bf16, to_bf16)
+
+/* ---- causal attention's softmax, backward: from the scores and ∂P, the probabilities and ∂scores ---------
+ * For each row (one query t of one head; rows = heads · T, row r is query r mod T) and its keys j ≤ t:
+ *     p_j = softmax_j(scale · s_j)          D = Σ_j p_j ∂p_j          ∂s_j = scale · p_j (∂p_j − D)
+ * (the softmax's Jacobian applied to ∂p), and p_j = ∂s_j = 0 for the masked keys j > t. s = q kᵀ and ∂p =
+ * ∂y vᵀ come in fp32 [rows, T]; s is overwritten with p (fp32) on the way. P and dS, in the compute dtype,
+ * may be s and dp themselves (fp32: each value is read before it is written). */
+
+/* s[0, n) ← p = softmax(scale · s); returns D = Σ p ∂p */
+static inline float softmax_row(float *s, const float *dp, int64_t n, float scale) {
+    int64_t j = 0;
+    float m = s[0], z = 0, d = 0;
+#if defined(__AVX512F__)
+    __m512 mv = _mm512_set1_ps(s[0]);
+    for (; j + 16 <= n; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + j));
+    m = _mm512_reduce_max_ps(mv);
+#endif
+    for (; j < n; j++) m = s[j] > m ? s[j] : m;
+    m *= scale;
+    j = 0;
+#if defined(__AVX512F__)
+    const __m512 sc = _mm512_set1_ps(scale), mm = _mm512_set1_ps(m);
+    __m512 zv = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        const __m512 e = exp_poly16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mm));
+        _mm512_storeu_ps(s + j, e);
+        zv = _mm512_add_ps(zv, e);
+    }
+    z = _mm512_reduce_add_ps(zv);
+#endif
+    for (; j < n; j++) { s[j] = exp_poly(s[j] * scale - m); z += s[j]; }
+    const float inv = 1.0f / z;
+    j = 0;
+#if defined(__AVX512F__)
+    const __m512 iv = _mm512_set1_ps(inv);
+    __m512 dv = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(s + j), iv);
+        _mm512_storeu_ps(s + j, p);
+        dv = _mm512_fmadd_ps(p, _mm512_loadu_ps(dp + j), dv);
+    }
+    d = _mm512_reduce_add_ps(dv);
+#endif
+    for (; j < n; j++) { s[j] *= inv; d += s[j] * dp[j]; }
+    return d;
+}
+
+#if defined(__AVX512F__)
+#define ATTENTION_STORE_16(S)                                                                            \
+    const __m512 sc = _mm512_set1_ps(scale), dv = _mm512_set1_ps(d);                                     \
+    for (; j + 16 <= n; j += 16) {                                                                       \
+        const __m512 p = _mm512_loadu_ps(si + j);                                                        \
+        const __m512 g = _mm512_mul_ps(_mm512_mul_ps(sc, p), _mm512_sub_ps(_mm512_loadu_ps(dpi + j), dv)); \
+        store16_##S(pi + j, p);                                                                          \
+        store16_##S(dsi + j, g);                                                                         \
+    }
+#else
+#define ATTENTION_STORE_16(S)
+#endif
+
+#define ATTENTION_SOFTMAX_BACKWARD(NAME, S, T, STORE)                                                    \
+    void NAME(float *s, const float *dp, T *P, T *dS, int64_t rows, int64_t Tn, float scale,              \
+              int32_t threads) {                                                                         \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")                \
+        for (int64_t r = 0; r < rows; r++) {                                                             \
+            const int64_t n = r % Tn + 1;                                                                \
+            float *si = s + r * Tn;                                                                      \
+            const float *dpi = dp + r * Tn;                                                              \
+            T *pi = P + r * Tn, *dsi = dS + r * Tn;                                                      \
+            const float d = softmax_row(si, dpi, n, scale);                                              \
+            int64_t j = 0;                                                                               \
+            ATTENTION_STORE_16(S)                                                                        \
+            for (; j < n; j++) {                                                                         \
+                const float p = si[j], g = scale * p * (dpi[j] - d);                                     \
+                pi[j] = STORE(p);                                                                        \
+                dsi[j] = STORE(g);                                                                       \
+            }                                                                                            \
+            memset(pi + n, 0, (size_t)(Tn - n) * sizeof(T));        /* 0 in fp32 and bf16: all bits 0 */  \
+            memset(dsi + n, 0, (size_t)(Tn - n) * sizeof(T));                                            \
+        }                                                                                                \
+    }
+
+ATTENTION_SOFTMAX_BACKWARD(attention_softmax_backward_f32, f32, float, F32)
+ATTENTION_SOFTMAX_BACKWARD(attention_softmax_backward_bf16, bf16, uint16_t, to_bf16)

@@ -127,6 +127,50 @@ class RotaryFunction(torch.autograd.Function):
         return apply_rotary(grad_y, cos, -sin).transpose(1, 2), None, None
 
 
+ATTENTION_BUDGET = 1 << 25   # bytes of [heads, T, T] buffers in CausalAttentionFunction.backward (kept: workspace)
+
+
+class CausalAttentionFunction(torch.autograd.Function):
+    """softmax(scale · q kᵀ + causal mask) v for q, k, v [B, H, T, Dh], scale = 1/√Dh: forward is SDPA's fused
+    kernel; backward is written out (on the CPU, SDPA's fused backward takes 5–8x its forward: in the bench
+    step, bf16 [4, 8, 256, 64], 8.3 ms a layer against ~5.5 here; in fp32 the two take the same time):
+        s = q kᵀ,  p = softmax(scale · s)                   ∂v = pᵀ ∂y          ∂p = ∂y vᵀ
+        ∂s = scale · p ⊙ (∂p − rowsum(p ⊙ ∂p))               ∂q = ∂s k           ∂k = ∂sᵀ q
+    (rowsum(p ⊙ ∂p) = rowsum(∂y ⊙ y), FlashAttention's D). s and ∂p are products in fp32 (bf16 inputs are
+    widened first, so p is as exact as SDPA's); p and ∂s are rounded to the compute dtype for the three products
+    after them. The softmax and ∂s are one sweep of model/block_kernel.c. Heads go G at a time, G so that the
+    [G, T, T] buffers fit in ATTENTION_BUDGET. Used on the CPU for plain causal attention with gradients
+    (Attention.forward); tests/test_block_kernels.py holds it equal to SDPA's backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):                                            # [B, H, T, Dh] ×3
+        ctx.save_for_backward(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)    # [B, H, T, Dh]
+
+    @staticmethod
+    def backward(ctx, grad_y):                                            # [B, H, T, Dh]
+        q, k, v = ctx.saved_tensors
+        B, H, T, Dh = q.shape
+        n = B * H
+        q, k, v, dy = (t.reshape(n, T, Dh) for t in (q, k, v, grad_y))   # [n, T, Dh]
+        q32, k32, v32, dy32 = (t.float() for t in (q, k, v, dy))         # the same tensors in fp32
+        dq, dk, dv = (torch.empty(n, T, Dh, dtype=q.dtype) for _ in range(3))
+        wide = q.dtype == torch.float32                                   # p and ∂s written over s and ∂p
+        G = max(1, min(n, ATTENTION_BUDGET // (T * T * (8 if wide else 8 + 2 * q.element_size()))))
+        fp32, low = ((G, T, T), torch.float32), ((G, T, T), q.dtype)
+        s, dp, *pds = block_cpu.workspace(fp32, fp32) if wide else block_cpu.workspace(fp32, fp32, low, low)
+        P, dS = pds or (s, dp)                                            # [G, T, T] ×4 (or ×2 in fp32)
+        for a in range(0, n, G):
+            g, m = slice(a, a + G), min(G, n - a)
+            torch.bmm(q32[g], k32[g].transpose(1, 2), out=s[:m])          # s = q kᵀ
+            torch.bmm(dy32[g], v32[g].transpose(1, 2), out=dp[:m])        # ∂p = ∂y vᵀ
+            block_cpu.attention_softmax_backward(s[:m], dp[:m], P[:m], dS[:m], Dh ** -0.5)
+            torch.bmm(P[:m].transpose(1, 2), dy[g], out=dv[g])            # ∂v = pᵀ ∂y
+            torch.bmm(dS[:m], k[g], out=dq[g])                            # ∂q = ∂s k
+            torch.bmm(dS[:m].transpose(1, 2), q[g], out=dk[g])            # ∂k = ∂sᵀ q
+        return dq.view(B, H, T, Dh), dk.view(B, H, T, Dh), dv.view(B, H, T, Dh)
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, preallocated for `max_len` positions per layer."""
 
@@ -166,8 +210,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                                      # [B, Hkv, S, Dh]
         # mask None: plain causal attention over the T new tokens (lets SDPA pick its fused kernels)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # [B, H, T, Dh]
+        if (mask is None and cache is None and self.n_kv_heads == self.n_heads and torch.is_grad_enabled()
+                and block_cpu.usable(q, k, v)):
+            y = CausalAttentionFunction.apply(q, k, v)                                 # [B, H, T, Dh]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)  # [B, H, T, Dh]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
