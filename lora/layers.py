@@ -288,12 +288,14 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     def merged_linear(self, dtype=None) -> nn.Linear:
-        """A frozen nn.Linear holding W + B A · alpha / r, summed in fp32, stored in `dtype` (default: the
-        base's dtype; for a Linear4bit base, whose W is dequantised exactly first, its compute dtype)."""
+        """A frozen nn.Linear (of the base's class if it is one) holding W + B A · alpha / r, summed in fp32,
+        stored in `dtype` (default: the base's dtype; for a Linear4bit base, whose W is dequantised exactly
+        first, its compute dtype)."""
         base = self.base_layer
         W = base.dequantized_weight(torch.float32) if isinstance(base, Linear4bit) else base.weight.detach()
         dtype = dtype or (base.compute_dtype if isinstance(base, Linear4bit) else W.dtype)
-        merged = nn.Linear(self.in_features, self.out_features, bias=False, device=W.device, dtype=dtype)
+        cls = type(base) if isinstance(base, nn.Linear) else nn.Linear        # a dense base's own class
+        merged = cls(self.in_features, self.out_features, bias=False, device=W.device, dtype=dtype)
         with torch.no_grad():
             merged.weight.copy_(W.float() + self.delta_weight().to(W.device))
         return merged.requires_grad_(False)

@@ -19,8 +19,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import block_cpu
+from model import block_cpu, decode_cpu
 from model.config import LlamaConfig
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the model's are bias-free): y = x Wᵀ. One row in bf16 on the CPU without gradients (a
+    batch-1 decoding step) goes through model/decode_kernel.c, which streams W from memory at ~27 GB/s where
+    torch's bf16 matrix-vector product manages ~18 (a decoding step reads every weight once); everything
+    else is nn.Linear's own forward."""
+
+    def forward(self, x):                                                 # [..., K]
+        if self.bias is None and decode_cpu.usable(x, self.weight):
+            return decode_cpu.linear_row(x, self.weight)                  # [..., N]
+        return super().forward(x)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -196,10 +208,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads,
                                                         config.num_key_value_heads, config.head_dim)
         D = config.hidden_size
-        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=False)
+        self.q_proj = Linear(D, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(D, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(D, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, D, bias=False)
 
     def forward(self, x, cos, sin, mask, cache):                          # x [B, T, D]
         B, T, _ = x.shape
@@ -249,9 +261,9 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         D, Fw = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(D, Fw, bias=False)
-        self.up_proj = nn.Linear(D, Fw, bias=False)
-        self.down_proj = nn.Linear(Fw, D, bias=False)
+        self.gate_proj = Linear(D, Fw, bias=False)
+        self.up_proj = Linear(D, Fw, bias=False)
+        self.down_proj = Linear(Fw, D, bias=False)
 
     def forward(self, x):                                                 # [B, T, D]
         return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))  # [B, T, F] → [B, T, D]
@@ -285,7 +297,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False   # recompute each block in backward instead of storing it
