@@ -5,15 +5,15 @@
  * Why. Decoding one token reads every weight once, so its speed is the rate W streams from memory. torch's
  * bf16 matrix-vector product streams W at ~18 GB/s here (from DRAM), against ~29 for its fp32 one. Here
  * BLOCK rows of W are read side by side (that many memory streams in flight), each 16 bf16 weights widened to
- * fp32 (a shift) and multiplied into 16 fp32 partial sums: ~27 GB/s. bf16 × bf16 products are exact in
+ * fp32 (a shift) and multiplied into 16 fp32 partial sums: 25–28 GB/s. bf16 × bf16 products are exact in
  * fp32; the sums are fp32 in another order than torch's, rounded to bf16 once, as torch rounds its fp32 sum.
- * Only one row of x: with more, torch's product reads W once for all of them and is the faster (measured:
- * 2 rows 22 vs 21 GB/s, 4 rows 22 vs 13).
+ * Only one row of x: with BLOCK × rows partial sums the registers run out, and torch's product is the faster
+ * (measured with a loop over rows here: 2 rows 22 vs 21 GB/s, 4 rows 22 vs 13).
  *
  * Blocks of rows of W (outputs) are split between `threads` OpenMP threads (c_build.py: torch's pool). */
 #include "../c_kernels.h"                          /* from_bf16, to_bf16, the 16-lane loads */
 
-#define BLOCK 16                                   /* rows of W read side by side (8: 26 GB/s, 4: 23) */
+#define BLOCK 16                                   /* rows of W read side by side (8: 26 GB/s, 4: 23, 24: 26, 32: 23) */
 
 /* y [N] ← W x, W [N, K], x [K]; all bf16, contiguous */
 void linear_row_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int64_t N, int64_t K, int32_t threads) {

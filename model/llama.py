@@ -25,8 +25,8 @@ from model.config import LlamaConfig
 
 class Linear(nn.Linear):
     """nn.Linear (the model's are bias-free): y = x Wᵀ. One row in bf16 on the CPU without gradients (a
-    batch-1 decoding step) goes through model/decode_kernel.c, which streams W from memory at ~27 GB/s where
-    torch's bf16 matrix-vector product manages ~18 (a decoding step reads every weight once); everything
+    batch-1 decoding step) goes through model/decode_kernel.c, which streams W from memory at 25–28 GB/s where
+    torch's bf16 matrix-vector product manages 17–18 (a decoding step reads every weight once); everything
     else is nn.Linear's own forward."""
 
     def forward(self, x):                                                 # [..., K]
