@@ -90,7 +90,7 @@ from model.packed import hidden_states_packed, tree_mask
 from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, check_same_config,
                       cleanup, is_main, load_checkpoint, lr_at, make_optimizer, micro_batches, peak_memory_gb,
                       record_eval, restore_trainable, rng_state, save_adapter_and_merged, save_checkpoint,
-                      seed_everything, setup_distributed, write_jsonl)
+                      seed_everything, set_checkpointing, setup_distributed, write_jsonl)
 
 REF_LOGPS = "ref_logps.pt"
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -145,6 +145,8 @@ class DPOConfig:
     max_len: int = 512                    # tokens per row (prompt + response); longer pairs are cut
     min_prompt_len: int = 128             # a cut keeps at least this much prompt
     gradient_checkpointing: bool = True   # recompute each block in backward
+    checkpoint_blocks: Optional[int] = None  # with checkpointing: blocks recomputed, from the first (none =
+                                          # all); the rest keep their activations: faster, more memory
     loss_chunk_size: int = 1024           # response positions per lm_head chunk (losses.py)
     merged_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None  # merged/'s storage dtype;
                                           # none = start's (OpenBezoar-DPO: fp16)
@@ -167,6 +169,8 @@ class DPOConfig:
                              f"{self.micro_batch_size}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio is {self.warmup_ratio}, expected 0 ≤ ratio < 1")
+        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
+            raise ValueError(f"checkpoint_blocks is {self.checkpoint_blocks}, expected ≥ 0 or none")
         if not self.beta > 0:
             raise ValueError(f"beta is {self.beta}, expected > 0")
         if self.rpo_alpha < 0:
@@ -398,7 +402,7 @@ def main(argv=None):
     seed_everything(cfg.seed, deterministic=True)                   # same adapters on every rank
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     torch.manual_seed(cfg.seed + 7919 * (rank + 1))                 # dropout masks: a stream per rank
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+    set_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
     model.train()
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}   # lora_A, lora_B
     optimizer = make_optimizer(list(params.values()), cfg.lr, cfg.weight_decay, cfg.betas, device)

@@ -62,7 +62,7 @@ from model.loading import load_pretrained
 from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, check_same_config,
                       cleanup, is_main, load_checkpoint, lr_at, make_optimizer, micro_batches, peak_memory_gb,
                       record_eval, restore_trainable, rng_state, save_adapter_and_merged, save_checkpoint,
-                      seed_everything, setup_distributed, write_jsonl)
+                      seed_everything, set_checkpointing, setup_distributed, write_jsonl)
 
 SCHEMES = ("lamini", "orca", "evol_instruct", "hh_rlhf")
 
@@ -131,6 +131,8 @@ class SFTConfig:
     max_len: int = 2048                   # tokens per example (OpenLLaMA's context); longer ones are cut
     min_prompt_len: int = 64              # a cut keeps at least this much prompt (data/sft.py)
     gradient_checkpointing: bool = True   # recompute each block in backward: activations of one block only
+    checkpoint_blocks: Optional[int] = None  # with checkpointing: blocks recomputed, from the first (none =
+                                          # all); the rest keep their activations: faster, more memory
     loss_chunk_size: int = 1024           # response positions per lm_head chunk in the loss (losses.py)
     # Bookkeeping: none of these changes the result.
     log_every: int = 10                   # steps between log lines (stdout and metrics.jsonl)
@@ -150,6 +152,8 @@ class SFTConfig:
                              f"{self.micro_batch_size}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio is {self.warmup_ratio}, expected 0 ≤ ratio < 1")
+        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
+            raise ValueError(f"checkpoint_blocks is {self.checkpoint_blocks}, expected ≥ 0 or none")
 
 
 # Fields that change nothing in the result: a resumed run may set them differently.
@@ -215,7 +219,7 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
     seed_everything(cfg.seed * 1000 + i, deterministic=True)           # same adapters on every rank
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     torch.manual_seed(cfg.seed * 1000 + i + 7919 * (rank + 1))          # dropout masks: a stream per rank
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+    set_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
     model.train()
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}   # lora_A, lora_B
     optimizer = make_optimizer(list(params.values()), peak_lr, cfg.weight_decay, cfg.betas, device)

@@ -94,6 +94,18 @@ def seed_everything(seed, deterministic=False):
         torch.backends.cudnn.benchmark = False
 
 
+def set_checkpointing(model, enabled: bool, blocks=None):
+    """Activation checkpointing for a Llama: with `enabled`, blocks are recomputed in backward instead of
+    keeping their activations; `blocks` of them from the first (None: all), the others keep theirs, which is
+    faster for the memory they hold (bench/bench_sft_step.py: 4 of 8 blocks, ~10% more tokens/s for ~90 MB).
+    The result is the same either way. ValueError, naming the config field, for more blocks than the model has."""
+    n_layers = len(model.model.layers)
+    if blocks is not None and not 0 <= blocks <= n_layers:
+        raise ValueError(f"checkpoint_blocks is {blocks}, expected 0..{n_layers} (the model's blocks) or none")
+    model.gradient_checkpointing = enabled
+    model.checkpoint_blocks = blocks
+
+
 def make_optimizer(params, lr, weight_decay, betas, device):
     """AdamW. On CUDA bitsandbytes' PagedAdamW (32-bit states, paged to CPU memory under pressure: the
     QLoRA recipe's optimiser); on CPU torch.optim.AdamW (paging needs CUDA unified memory) with

@@ -69,15 +69,16 @@ def test_right_padding_gives_the_unpadded_logits():
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
+    """None, every block, or the first of the two (checkpoint_blocks = 1)."""
     x = torch.randint(0, 50, (2, 9))
     grads = []
-    for ckpt in (False, True):
+    for ckpt, blocks in ((False, None), (True, None), (True, 1)):
         m = tiny(seed=4).train()
-        m.gradient_checkpointing = ckpt
+        m.gradient_checkpointing, m.checkpoint_blocks = ckpt, blocks
         m(x).logsumexp(-1).sum().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
-    for g0, g1 in zip(*grads):
-        assert torch.allclose(g0, g1, atol=1e-6)
+    for g0, g1, g2 in zip(*grads):
+        assert torch.allclose(g0, g1, atol=1e-6) and torch.allclose(g0, g2, atol=1e-6)
 
 
 def test_grouped_query_attention_repeats_each_kv_head_for_its_query_heads():

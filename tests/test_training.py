@@ -426,3 +426,32 @@ def test_two_gloo_processes_average_agree_to_stop_and_keep_their_own_rng(tmp_pat
         assert result["is_main"] is (r == 0)
         assert result["rng_ranks"] == 2 and result["rng_differ"] and result["restored"]
     assert [json.loads(line)["rank"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0]
+
+
+def test_set_checkpointing_sets_the_model_and_names_the_field_when_out_of_range():
+    from dataclasses import replace
+
+    from model.config import PRESETS
+    from model.llama import Llama
+    from training import set_checkpointing
+    model = Llama(replace(PRESETS["tiny"], num_hidden_layers=3, hidden_size=16, num_attention_heads=2,
+                          num_key_value_heads=2, intermediate_size=32, vocab_size=20))
+    set_checkpointing(model, True, 2)
+    assert model.gradient_checkpointing and model.checkpoint_blocks == 2
+    set_checkpointing(model, False)
+    assert not model.gradient_checkpointing and model.checkpoint_blocks is None
+    with pytest.raises(ValueError, match=r"checkpoint_blocks is 4, expected 0\.\.3"):
+        set_checkpointing(model, True, 4)
+
+
+@pytest.mark.parametrize("script, cls", [("train_sft", "SFTConfig"), ("train_dpo", "DPOConfig")])
+def test_checkpoint_blocks_is_a_config_field_checked_at_load(script, cls):
+    import importlib
+
+    from config import load_config
+    config_cls = getattr(importlib.import_module(script), cls)
+    path = os.path.join(REPO, "configs", "tiny.toml" if script == "train_sft" else "dpo-tiny.toml")
+    assert load_config(config_cls, ["--config", path, "--checkpoint_blocks", "3"]).checkpoint_blocks == 3
+    assert load_config(config_cls, ["--config", path]).checkpoint_blocks is None
+    with pytest.raises(SystemExit, match="checkpoint_blocks is -1, expected ≥ 0"):   # the one-line CLI error
+        load_config(config_cls, ["--config", path, "--checkpoint_blocks", "-1"])
