@@ -9,7 +9,9 @@ by --generator-url/-model/-api or GENERATOR_URL, GENERATOR_MODEL, GENERATOR_API,
 
 Each pass runs its jobs `--concurrency` at a time and appends every finished record to its file at once
 (synth/records.py). Job ids come from the flags and the input files, never from timing, so re-running the same
-command skips what is done: a killed run resumes and ends with each id exactly once. Files written:
+command skips what is done: a killed run resumes and ends with each id exactly once. When every job is done,
+the files are rewritten in id order (atomically): appended as answers arrived, their order would differ from
+run to run, and so would the training that reads them. Files written:
     lamini  OUT.instructions.jsonl (one line per instruction request), then OUT (one line per example)
     evol    OUT (surviving evolutions) and OUT.eliminated.jsonl (eliminated ones, with the reason)
     orca    OUT
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from chat_api import ChatAPIError, add_endpoint_args, client_from_args, map_unordered
 from synth import evol_instruct, lamini, orca
-from synth.records import AppendLog, read_jsonl, read_lines
+from synth.records import AppendLog, read_jsonl, read_lines, write_jsonl_atomic
 
 
 def parse_args(argv):
@@ -227,7 +229,22 @@ def main(argv=None) -> int:
     finally:
         print(client.summary())
         client.close()
+    if status == 0:                                   # every job done: the files in id order from now on
+        out = Path(args.out)
+        for path in (out, out.with_suffix(".instructions.jsonl"), out.with_suffix(".eliminated.jsonl")):
+            if path.exists():
+                sort_by_id(path)
     return status
+
+
+def sort_by_id(path: Path):
+    """Rewrite a finished output file in id order (atomically, only if it is not in that order already).
+    Records are appended as their requests finish, in no fixed order; ids come from the jobs, so id order
+    makes the file, and what is trained on it, the same from run to run."""
+    records = [record for _, record in read_jsonl(path)[0]]
+    ordered = sorted(records, key=lambda r: r["id"])
+    if ordered != records:
+        write_jsonl_atomic(path, ordered)
 
 
 if __name__ == "__main__":

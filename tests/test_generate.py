@@ -286,11 +286,36 @@ def test_orca_pairs_each_task_with_a_sampled_system_message_and_the_gold_target(
     assert len({r["system_message_id"] for r in records}) > 5  # sampled per task, not one for all
 
 
+def test_a_finished_run_leaves_its_file_in_id_order_whatever_order_the_answers_came_in(tmp_path):
+    """A teacher that answers some tasks late (their requests finish last): the records are appended as
+    they arrive, then the finished file is rewritten in id order, the same bytes as a run whose answers
+    came in order."""
+    import time
+
+    def slow_on_even(system, messages):
+        if int(re.search(r"Question (\d+):", messages[-1]["content"]).group(1)) % 2 == 0:
+            time.sleep(0.05)
+        return orca_teacher(system, messages)
+
+    tasks = write_jsonl(tmp_path / "flan.jsonl", TASKS)
+    files = []
+    for name, teacher, concurrency in (("scrambled", slow_on_even, 8), ("in_order", orca_teacher, 1)):
+        out = tmp_path / f"{name}.jsonl"
+        with FakeChatServer(teacher) as server:
+            assert run(server, "--scheme", "orca", "--tasks", tasks, "--out", out, "--n", 12,
+                       "--concurrency", concurrency) == 0
+        files.append(out.read_bytes())
+    ids = [json.loads(line)["id"] for line in files[0].decode().splitlines()]
+    assert len(ids) == 12 and ids == sorted(ids)
+    assert files[0] == files[1]
+
+
 # --- resume, bad input, failures, keys ------------------------------------------------------------
 
 def test_killed_mid_run_resume_loses_nothing_and_duplicates_nothing(tmp_path):
     """Kill a real generate.py process mid-run (SIGKILL), add the torn line a kill mid-write leaves, resume:
-    the lines written before the kill stay as they were, and the final records equal an uninterrupted run's."""
+    every line written before the kill is in the final file unchanged, and the finished file (in id order)
+    is an uninterrupted run's, byte for byte."""
     tasks = write_jsonl(tmp_path / "flan.jsonl", TASKS)
     killed, whole = tmp_path / "killed.jsonl", tmp_path / "whole.jsonl"
     with FakeChatServer(orca_teacher, delay=0.1) as server:  # slow enough that the kill lands mid-run
@@ -315,10 +340,10 @@ def test_killed_mid_run_resume_loses_nothing_and_duplicates_nothing(tmp_path):
         assert run(server, *argv, "--out", killed) == 0
         assert run(server, *argv, "--out", whole) == 0
     after = killed.read_text()
-    assert after.startswith(before)
+    assert set(before.splitlines()) <= set(after.splitlines())
     lines = after.splitlines()
     assert len(lines) == len(set(json.loads(line)["id"] for line in lines)) == len(TASKS)
-    assert sorted(lines) == sorted(whole.read_text().splitlines())
+    assert after == whole.read_text()
 
 
 def test_append_log_cuts_a_torn_last_line_and_rejects_damage_elsewhere(tmp_path):
