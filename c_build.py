@@ -36,6 +36,14 @@ MIN_PARALLEL = 1 << 16
 _lock = threading.Lock()
 
 
+def enabled() -> bool:
+    """The one switch for every CPU-only speed path (the C kernels and the autograd Functions, tiles and
+    workspaces that exist only to serve them): False when BEZOAR_C_KERNELS=0. Read at every use, not at
+    import, so a test or a user can flip it in a running process. Off, the CPU runs exactly the torch code
+    that CUDA runs."""
+    return os.environ.get("BEZOAR_C_KERNELS", "1") != "0"
+
+
 def threads(n: int) -> int:
     """How many threads a kernel call over n values gets: torch's intra-op count, or 1 for small work."""
     return torch.get_num_threads() if n >= MIN_PARALLEL else 1
@@ -64,8 +72,6 @@ def build(source: str, signatures: dict, flags=None) -> tuple:
     (every function returns void)."""
     flags = FLAGS if flags is None else flags
     name = os.path.splitext(os.path.basename(source))[0]
-    if os.environ.get("BEZOAR_C_KERNELS", "1") == "0":
-        return None, "disabled by BEZOAR_C_KERNELS=0; using the torch path"
     cc = os.environ.get("CC", "cc")
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -112,6 +118,9 @@ class Kernel:
 
     @property
     def lib(self):
+        """The library, or None where it is not available or the switch is off (enabled())."""
+        if not enabled():
+            return None
         with _lock:
             if self._status is None:
                 self._lib, self._status = self.build()
@@ -119,6 +128,8 @@ class Kernel:
 
     @property
     def status(self) -> str:
+        if not enabled():
+            return "disabled by BEZOAR_C_KERNELS=0; using the torch path"
         self.lib
         return self._status
 

@@ -55,7 +55,7 @@ def main(argv=None):
 
     prompts = [format_prompt(q) for q in ("Reverse the word stone.", "What is 7 plus 5?")]
     outs = generate(model, [tok.encode(p) for p in prompts], 24, temperature=0.8, top_p=0.95,
-                    eos_id=tok.eos_id, tokenizer=tok, generator=torch.Generator().manual_seed(args.seed))
+                    eos_id=tok.eos_id, tokenizer=tok, generator=torch.Generator(device="cpu").manual_seed(args.seed))
     for p, o in zip(prompts, outs):
         print("-" * 60 + f"\n{p}{o.text!r}   [{len(o.tokens)} tokens, {o.finish_reason}; random weights]")
     print(f"demo finished in {time.time() - t0:.1f} s")

@@ -124,7 +124,7 @@ class _FrozenHeadTokenLogps(torch.autograd.Function):
         C = max(1, min(chunk_size, N))
         wide = torch.promote_types(h.dtype, torch.float32)                    # softmax dtype, ≥ fp32
         z = h.new_empty(C, V)                                                 # [C, V] logits in h's dtype
-        token_logps = torch.empty(N, dtype=wide)                              # [N]
+        token_logps = torch.empty(N, dtype=wide, device=h.device)                              # [N]
         dh = h.new_empty(N, D) if need_grad else None                         # [N, D] ∂ log p(y)/∂h
         if losses_cpu.usable(z):                                              # the C kernel: in place in z
             for i in range(0, N, C):
@@ -135,8 +135,8 @@ class _FrozenHeadTokenLogps(torch.autograd.Function):
                     torch.mm(z[:n], lm_head_weight, out=dh[i:i + n]).neg_()  # [n, D]
             ctx.save_for_backward(dh)
             return token_logps
-        z_wide = z if z.dtype == wide else torch.empty(C, V, dtype=wide)      # [C, V] the same, ≥ fp32
-        p = torch.empty(C, V, dtype=wide)                                     # [C, V] softmax
+        z_wide = z if z.dtype == wide else torch.empty(C, V, dtype=wide, device=h.device)      # [C, V] the same, ≥ fp32
+        p = torch.empty(C, V, dtype=wide, device=h.device)                                     # [C, V] softmax
         for i in range(0, N, C):
             n = min(C, N - i)
             zc, zw, pc, yc = z[:n], z_wide[:n], p[:n], y[i:i + n]             # [n, V] ×3, [n]

@@ -95,7 +95,7 @@ def pack_documents(tok, docs, seq_len):
     and the number of tokens left over at the end (fewer than one row)."""
     stream = [i for doc in docs for i in tok.encode(doc, bos=True, eos=True)]
     n = len(stream) // seq_len
-    rows = torch.tensor(stream[:n * seq_len], dtype=torch.long).view(n, seq_len)          # [N, T]
+    rows = torch.tensor(stream[:n * seq_len], dtype=torch.long, device="cpu").view(n, seq_len)          # [N, T]
     return rows, len(stream) - n * seq_len
 
 
@@ -135,8 +135,8 @@ def main(argv=None):
     # --- loop
     logger = MetricsLogger(os.path.join(tmp, "metrics.jsonl"), enabled=True)
     progress = Progress(cfg.steps)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order, losses, tokens = torch.empty(0, dtype=torch.long), [], 0
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    order, losses, tokens = torch.empty(0, dtype=torch.long, device="cpu"), [], 0
     for step in range(cfg.steps):
         if len(order) < cfg.batch_size:                   # a new epoch: reshuffle the rows
             order = torch.cat([order, torch.randperm(len(rows), generator=generator)])

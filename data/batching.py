@@ -86,15 +86,15 @@ def pad_right(sequences, labels, pad_id, pad_to_multiple_of=1):
     T = max(map(len, sequences))
     T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
     B = len(sequences)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)                 # [B, T]
-    attention_mask = torch.zeros((B, T), dtype=torch.long)                   # [B, T]
-    label_ids = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)           # [B, T]
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long, device="cpu")                 # [B, T]
+    attention_mask = torch.zeros((B, T), dtype=torch.long, device="cpu")                   # [B, T]
+    label_ids = torch.full((B, T), IGNORE_INDEX, dtype=torch.long, device="cpu")           # [B, T]
     for b, (ids, lab) in enumerate(zip(sequences, labels)):
         if len(ids) != len(lab):
             raise ValueError(f"pad_right: row {b} has {len(ids)} input ids but {len(lab)} labels")
-        input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long, device="cpu")
         attention_mask[b, :len(ids)] = 1
-        label_ids[b, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+        label_ids[b, :len(lab)] = torch.tensor(lab, dtype=torch.long, device="cpu")
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
 
 

@@ -33,22 +33,22 @@ def collate_dpo_packed(rows, pad_id):
     B = len(rows)
     lengths = [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) - r["prompt_len"] for r in rows]
     T = max(lengths)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)                       # [B, T]
-    position_ids = torch.zeros((B, T), dtype=torch.long)                           # [B, T]
-    segments = torch.full((B, T), -1, dtype=torch.long)                            # [B, T]
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long, device="cpu")                       # [B, T]
+    position_ids = torch.zeros((B, T), dtype=torch.long, device="cpu")                           # [B, T]
+    segments = torch.full((B, T), -1, dtype=torch.long, device="cpu")                            # [B, T]
     unpacked = collate_dpo(rows, pad_id)
     U = unpacked["labels"].shape[1]
-    index = torch.zeros((2 * B, U), dtype=torch.long)                              # [2B, U]
+    index = torch.zeros((2 * B, U), dtype=torch.long, device="cpu")                              # [2B, U]
     for b, r in enumerate(rows):
         P = r["prompt_len"]
         chosen, rejected = r["chosen_input_ids"][P:], r["rejected_input_ids"][P:]
         Rc, Rr = len(chosen), len(rejected)
-        input_ids[b, :P + Rc + Rr] = torch.tensor(r["chosen_input_ids"] + rejected)
-        position_ids[b, :P + Rc] = torch.arange(P + Rc)
-        position_ids[b, P + Rc:P + Rc + Rr] = torch.arange(P, P + Rr)
+        input_ids[b, :P + Rc + Rr] = torch.tensor(r["chosen_input_ids"] + rejected, device="cpu")
+        position_ids[b, :P + Rc] = torch.arange(P + Rc, device="cpu")
+        position_ids[b, P + Rc:P + Rc + Rr] = torch.arange(P, P + Rr, device="cpu")
         segments[b, :P], segments[b, P:P + Rc], segments[b, P + Rc:P + Rc + Rr] = 0, 1, 2
-        index[b, :P + Rc] = b * T + torch.arange(P + Rc)                           # chosen row b
-        index[B + b, :P] = b * T + torch.arange(P)                                 # rejected row b
-        index[B + b, P:P + Rr] = b * T + torch.arange(P + Rc, P + Rc + Rr)
+        index[b, :P + Rc] = b * T + torch.arange(P + Rc, device="cpu")                           # chosen row b
+        index[B + b, :P] = b * T + torch.arange(P, device="cpu")                                 # rejected row b
+        index[B + b, P:P + Rr] = b * T + torch.arange(P + Rc, P + Rc + Rr, device="cpu")
     return {"input_ids": input_ids, "position_ids": position_ids, "segments": segments, "index": index,
             "labels": unpacked["labels"]}

@@ -105,15 +105,15 @@ def _score_rows(model, rows):
     Only the positions that predict continuation tokens go through lm_head and the log-softmax."""
     device = model.lm_head.weight.device
     B, T = len(rows), max(len(row[0]) for row in rows)
-    ids = torch.full((B, T), model.config.pad_token_id, dtype=torch.long)           # [B, T]
-    positions = torch.zeros((B, T), dtype=torch.long)                               # [B, T]
-    segments = torch.full((B, T), -1, dtype=torch.long)                             # [B, T], -1 = padding
+    ids = torch.full((B, T), model.config.pad_token_id, dtype=torch.long, device="cpu")           # [B, T]
+    positions = torch.zeros((B, T), dtype=torch.long, device="cpu")                               # [B, T]
+    segments = torch.full((B, T), -1, dtype=torch.long, device="cpu")                             # [B, T], -1 = padding
     index, targets, owner = [], [], []        # per continuation token: flat row position, id, its request
     requests = 0
     for b, (row_ids, row_positions, row_segments, row_targets) in enumerate(rows):
-        ids[b, :len(row_ids)] = torch.tensor(row_ids)
-        positions[b, :len(row_ids)] = torch.tensor(row_positions)
-        segments[b, :len(row_ids)] = torch.tensor(row_segments)
+        ids[b, :len(row_ids)] = torch.tensor(row_ids, device="cpu")
+        positions[b, :len(row_ids)] = torch.tensor(row_positions, device="cpu")
+        segments[b, :len(row_ids)] = torch.tensor(row_segments, device="cpu")
         for request in row_targets:
             index += [b * T + p for p, _ in request]
             targets += [t for _, t in request]

@@ -45,7 +45,7 @@ def keep_probability(p: float) -> float:
 
 def draw_seed(generator=None) -> int:
     """One seed in [0, 2⁶³) from torch's CPU generator (the default one unless given)."""
-    return int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+    return int(torch.empty((), dtype=torch.int64, device="cpu").random_(generator=generator))
 
 
 def _signed(c: int) -> int:                          # a 64-bit constant as torch's int64 holds it

@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import c_build
 from lora import dropout
 from lora.nf4 import NF4Tensor, quantize_nf4, to_bnb_quant_state
 
@@ -56,7 +57,7 @@ KEEP_MAX_BYTES = 1 << 22   # a dequantised W up to this size (compute dtype) is 
 # --- the 4-bit base -----------------------------------------------------------------------------------
 
 def _tiled(q: NF4Tensor, x) -> bool:
-    return x.device.type == "cpu" and len(q.shape) == 2 and q.shape[1] % q.block_size == 0
+    return x.device.type == "cpu" and c_build.enabled() and len(q.shape) == 2 and q.shape[1] % q.block_size == 0
 
 
 def _dequantize(q: NF4Tensor, dtype):

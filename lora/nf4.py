@@ -57,18 +57,18 @@ CHUNK = 1 << 20      # values handled per step: temporaries stay small (4 MiB in
 def nf4_levels(offset: float = 0.9677083) -> torch.Tensor:
     """The 16 NF4 levels [16], sorted, fp32. p is spaced in fp32 and Φ⁻¹ taken in fp64, then rounded to
     fp32 and normalised in fp32: the steps that reproduce bitsandbytes' table exactly."""
-    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())     # [8] > 0
-    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())    # [7] < 0
-    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).float().sort().values
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9, device="cpu")[:-1].double())     # [8] > 0
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, device="cpu")[:-1].double())    # [7] < 0
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64, device="cpu"), positive]).float().sort().values
     return levels / levels.max()
 
 
 def dynamic_code() -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic code [256], sorted, fp32: for e = 0..6, the midpoints of
     2^e + 1 points evenly spaced over [0.1, 1], times ±10^(e-6); plus 0 and 1."""
-    values = [torch.tensor([0.0, 1.0])]
+    values = [torch.tensor([0.0, 1.0], device="cpu")]
     for e in range(7):
-        edges = torch.linspace(0.1, 1, 2**e + 1)                           # fp32
+        edges = torch.linspace(0.1, 1, 2**e + 1, device="cpu")                           # fp32
         means = (edges[:-1] + edges[1:]) / 2.0                             # [2^e]
         values += [(10 ** (e - 6)) * means, (-(10 ** (e - 6))) * means]
     return torch.cat(values).sort().values                                 # 2 + 2·(1+2+...+64) = 256
@@ -83,7 +83,7 @@ NF4_BYTE_LEVELS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(1
 NF4_BYTE_WORDS = NF4_BYTE_LEVELS.view(torch.int64).view(256)                                 # [256]
 DYNAMIC_CODE = dynamic_code()                                                # [256]
 # bitsandbytes' CPU grid table (point 5): grid point i ↦ code whose midpoint interval holds it.
-_GRID = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0   # [65536]
+_GRID = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32, device="cpu")) / 65535.0   # [65536]
 DYNAMIC_GRID_TABLE = torch.searchsorted(0.5 * (DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:]), _GRID).to(torch.uint8)
 
 

@@ -53,7 +53,7 @@ def rmsnorm_forward(x, weight, eps: float):
     """(y [..., D] in x's dtype, r [..., 1] fp32) for contiguous x and weight [D] in the same dtype."""
     D = x.shape[-1]
     x = x.contiguous()
-    y, r = torch.empty_like(x), torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
+    y, r = torch.empty_like(x), torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
     rows = x.numel() // D if D else 0
     _fn("rmsnorm_forward", x.dtype)(x.data_ptr(), weight.data_ptr(), y.data_ptr(), r.data_ptr(), rows, D, eps,
                                     min(c_build.threads(x.numel()), max(rows, 1)))
@@ -123,7 +123,7 @@ def workspace(*specs):
     sizes = [math.prod(shape) * torch.finfo(dtype).bits // 8 for shape, dtype in specs]
     buf = getattr(_workspaces, "buf", None)
     if buf is None or buf.numel() < sum(sizes):
-        buf = _workspaces.buf = torch.empty(sum(sizes), dtype=torch.uint8)
+        buf = _workspaces.buf = torch.empty(sum(sizes), dtype=torch.uint8, device="cpu")
     out, at = [], 0
     for (shape, dtype), size in zip(specs, sizes):
         out.append(buf[at:at + size].view(dtype).view(shape))

@@ -28,6 +28,6 @@ def linear_row(x, weight):
     """W x as [..., N] (x's leading dims, all 1) for x [..., K] with one row and W [N, K], bf16."""
     K, N = x.shape[-1], weight.shape[0]
     x1, weight = x.reshape(K).contiguous(), weight.contiguous()
-    y = torch.empty(N, dtype=x.dtype)
+    y = torch.empty(N, dtype=x.dtype, device=x.device)
     KERNEL.lib.linear_row_bf16(x1.data_ptr(), weight.data_ptr(), y.data_ptr(), N, K, c_build.threads(N * K))
     return y.view(*x.shape[:-1], N)

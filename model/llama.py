@@ -124,7 +124,7 @@ class RotaryFunction(torch.autograd.Function):
         ctx.save_for_backward(cos, sin)
         B, T, H, Dh = x.shape
         if block_cpu.usable(x, cos, sin):
-            out = torch.empty(B, H, T, Dh, dtype=x.dtype)
+            out = torch.empty(B, H, T, Dh, dtype=x.dtype, device=x.device)
             block_cpu.rotary(x, cos, sin, out.transpose(1, 2), 1.0)
             return out
         return apply_rotary(x.transpose(1, 2), cos, sin).contiguous()    # [B, H, T, Dh]
@@ -134,7 +134,7 @@ class RotaryFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         B, H, T, Dh = grad_y.shape
         if block_cpu.usable(grad_y, cos, sin) and grad_y.stride(3) == 1:
-            grad_x = torch.empty(B, T, H, Dh, dtype=grad_y.dtype)
+            grad_x = torch.empty(B, T, H, Dh, dtype=grad_y.dtype, device=grad_y.device)
             return block_cpu.rotary(grad_y.transpose(1, 2), cos, sin, grad_x, -1.0), None, None
         return apply_rotary(grad_y, cos, -sin).transpose(1, 2), None, None
 
@@ -166,7 +166,7 @@ class CausalAttentionFunction(torch.autograd.Function):
         n = B * H
         q, k, v, dy = (t.reshape(n, T, Dh) for t in (q, k, v, grad_y))   # [n, T, Dh]
         q32, k32, v32, dy32 = (t.float() for t in (q, k, v, dy))         # the same tensors in fp32
-        dq, dk, dv = (torch.empty(n, T, Dh, dtype=q.dtype) for _ in range(3))
+        dq, dk, dv = (torch.empty(n, T, Dh, dtype=q.dtype, device=q.device) for _ in range(3))
         wide = q.dtype == torch.float32                                   # p and ∂s written over s and ∂p
         G = max(1, min(n, ATTENTION_BUDGET // (T * T * (8 if wide else 8 + 2 * q.element_size()))))
         fp32, low = ((G, T, T), torch.float32), ((G, T, T), q.dtype)
@@ -307,14 +307,14 @@ class Llama(nn.Module):
     def init_weights(self, seed: int = 0, std: float = 0.02):
         """Random initialisation for models trained from scratch (the tiny demo base): N(0, std²) for
         embeddings and projections, the residual outputs scaled by 1/sqrt(2L) (GPT-2), norms at 1."""
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
                 nn.init.ones_(p)
                 continue
             s = std / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
             with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * s)
+                p.copy_(torch.randn(p.shape, generator=g, device="cpu") * s)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Final normed hidden states [B, T, D] for input_ids [B, T].

@@ -307,7 +307,7 @@ def save_checkpoint(tensors, config: LlamaConfig, path: str, max_shard_size="5GB
     dtype = _as_dtype(dtype) or _as_dtype(config.torch_dtype)
     limit = _parse_size(max_shard_size)
     shapes = parameter_shapes(config)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = torch.empty(0, dtype=dtype, device="cpu").element_size()
 
     # Plan: shards filled in state-dict order; each tensor's byte range within its shard.
     shards, size = [[]], 0
