@@ -10,7 +10,7 @@ help:
 	@echo "make base      pretrain the tiny toy base (runs/base); sft builds it when missing"
 	@echo "make data      synthetic SFT data into runs/data: GENERATOR_URL/_MODEL, JUDGE_URL/_MODEL; none: toy stand-ins"
 	@echo "make demo      build a tiny model and tokenizer, save, reload and sample from it (CPU, ~1 min)"
-	@echo "make test      run the test suite (installs the test-only oracles first)"
+	@echo "make test      run the test suite twice, CPU speed paths on and off (installs the test-only oracles first)"
 	@echo "make bench     run the benchmarks in bench/ (slow; needs ~10 GB of disk for the 3B checkpoint)"
 	@echo "make download  fetch OpenLLaMA 3B v2 from the hub (needs network): MODEL=... OUT=..."
 
@@ -50,8 +50,11 @@ eval: $(STAMP)
 	@test -d runs/tiny-dpo/merged || $(MAKE) dpo
 	$(RUN) evaluate.py report
 
+# Twice: as users run it, then with every CPU speed path off (BEZOAR_C_KERNELS=0), so the torch code that CUDA
+# runs is tested on its own; the speed paths' own tests skip in the second pass.
 test: $(TSTAMP)
 	$(PY) -m pytest -q
+	BEZOAR_C_KERNELS=0 $(PY) -m pytest -q
 
 bench: $(TSTAMP)
 	$(RUN) bench/bench_load.py --nf4

@@ -221,14 +221,33 @@ class Attention(nn.Module):
         q, k = RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin)    # [B, H(kv), T, Dh]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                                      # [B, Hkv, S, Dh]
-        # mask None: plain causal attention over the T new tokens (lets SDPA pick its fused kernels)
         if (mask is None and cache is None and self.n_kv_heads == self.n_heads and torch.is_grad_enabled()
                 and block_cpu.usable(q, k, v)):
             y = CausalAttentionFunction.apply(q, k, v)                                 # [B, H, T, Dh]
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)  # [B, H, T, Dh]
+            y = attention(q, k, v, mask, gqa=self.n_kv_heads != self.n_heads)          # [B, H, T, Dh]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def attention(q, k, v, mask, gqa=False, pad_head_dim=None):
+    """softmax(q kᵀ / √Dh + mask) v through SDPA, for q [B, H, T, Dh] and k, v [B, Hkv, S, Dh].
+
+    mask None: causal over the T new tokens when T > 1, all S keys when T = 1 (a decoding step without
+    padding); this lets SDPA pick its fused kernels. Otherwise a boolean [B or 1, 1, T, S], True = may attend.
+    With an explicit mask CUDA's only fused kernel is the memory-efficient one, which needs Dh to be a multiple
+    of 8 (OpenLLaMA's is 100); without it SDPA falls back to its math kernel, which materialises fp32
+    [B, H, T, S] scores (16 × 2048 harness rows: ~25 GB). So on CUDA q, k, v are zero-padded to the next
+    multiple of 8 with the scale of the true Dh kept: the padded columns add 0 to every q·k and give output
+    columns of 0, which are cut off. pad_head_dim forces it (True) or not (False); None: CUDA with a mask."""
+    Dh = q.shape[-1]
+    if pad_head_dim is None:
+        pad_head_dim = mask is not None and q.device.type == "cuda"
+    if pad_head_dim and Dh % 8:
+        q, k, v = (F.pad(t, (0, -Dh % 8)) for t in (q, k, v))                       # [.., Dh + pad]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=Dh ** -0.5, enable_gqa=gqa)
+        return y[..., :Dh]                                                           # [B, H, T, Dh]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          enable_gqa=gqa)                            # [B, H, T, Dh]
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -334,8 +353,8 @@ class Llama(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
         x = self.model.embed_tokens(input_ids)                                            # [B, T, D]
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = None
-        if attention_mask is not None or past > 0:
+        mask = None                  # None: causal over the new tokens (T > 1), or all keys (T = 1)
+        if attention_mask is not None or (past > 0 and T > 1):
             # Boolean [B, 1, T, S], True = may attend: key j is real and j <= query position (past + t).
             q_pos = torch.arange(past, S, device=input_ids.device)[:, None]               # [T, 1]
             k_pos = torch.arange(S, device=input_ids.device)[None, :]                     # [1, S]

@@ -3,9 +3,16 @@ built for a baseline CPU (the plain-C loops that CPUs without AVX-512 run) swapp
 import contextlib
 import platform
 
+import pytest
 import torch
 
 import c_build
+
+# A test of a CPU speed path itself (a C kernel against its formula, its threads, its build). The suite runs
+# twice (Makefile `test`): with the speed paths on, where these run, and with BEZOAR_C_KERNELS=0, where the
+# rest of the suite tests the torch code alone and these are skipped.
+needs_kernels = pytest.mark.skipif(not c_build.enabled(), reason="a CPU speed path's own test: runs in the pass "
+                                   "with BEZOAR_C_KERNELS on")
 
 
 def at_thread_counts(fn, counts=(1, 3)):

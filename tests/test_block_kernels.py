@@ -5,9 +5,11 @@ import pytest
 import torch
 
 import c_build
-from kernel_checks import at_thread_counts, portable_build
+from kernel_checks import at_thread_counts, needs_kernels, portable_build
 from model import block_cpu
 from model.llama import RMSNorm, RotaryFunction, apply_rotary, rotary_cos_sin
+
+pytestmark = needs_kernels
 
 
 def rand(*shape, seed=0, dtype=torch.float32, scale=1.0):

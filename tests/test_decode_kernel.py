@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import c_build
-from kernel_checks import at_thread_counts, portable_build
+from kernel_checks import at_thread_counts, needs_kernels, portable_build
 from model import decode_cpu, llama
 from model.config import PRESETS
+
+pytestmark = needs_kernels
 
 
 def rand(*shape, seed=0, scale=1.0):

@@ -16,6 +16,7 @@ from lora.layers import Linear4bit, LoRALinear
 from model.config import PRESETS
 from model import block_cpu
 from model.llama import Llama, RMSNorm
+from kernel_checks import needs_kernels
 from test_losses import random_batch
 
 
@@ -187,7 +188,7 @@ def test_frozen_head_loss_in_bf16_is_close_to_the_plain_loss_and_fp32():
 
 # --- RMSNorm's hand-written backward ---
 
-@pytest.mark.parametrize("path", ["torch", "kernel"])
+@pytest.mark.parametrize("path", ["torch", pytest.param("kernel", marks=needs_kernels)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_function_equals_the_composition_and_its_autograd(dtype, path, monkeypatch):
     """Forward: the torch path does the same operations, so the same bits; the C kernel (model/block_cpu.py)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from model.config import PRESETS, LlamaConfig, config_from_dict
-from model.llama import Llama, RMSNorm, apply_rotary, rotary_cos_sin
+from model.llama import Llama, RMSNorm, apply_rotary, attention, rotary_cos_sin
+from model.packed import tree_mask
 
 CFG = replace(PRESETS["tiny"], vocab_size=50, num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
               num_key_value_heads=4, intermediate_size=64)
@@ -136,3 +137,43 @@ def test_config_errors_name_the_file_and_field():
                               num_attention_heads=2, rope_scaling={"type": "linear", "factor": 2.0}))
     with pytest.raises(ValueError, match="not a multiple"):
         LlamaConfig(hidden_size=10, num_attention_heads=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_with_the_head_dim_padded_to_a_multiple_of_8_equals_it_unpadded(dtype):
+    """The CUDA path for explicit masks (model/llama.py attention): q, k, v zero-padded from Dh 100 to 104, the
+    scale 1/√100 kept; values and gradients equal the unpadded call (the same SDPA kernel here on the CPU)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 100, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    segment = torch.tensor([[0, 0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 1, -1, -1]])
+    mask = tree_mask(segment)                                                  # [2, 1, 7, 7]
+    out = {}
+    for pad in (False, True):
+        y = attention(q, k, v, mask, pad_head_dim=pad)
+        assert y.shape == (2, 3, 7, 100)
+        grads = torch.autograd.grad(y, (q, k, v), torch.ones_like(y))
+        out[pad] = (y.detach(), *grads)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, **tol)
+    assert attention(q, k, v, mask).shape == (2, 3, 7, 100)       # on the CPU: no padding unless asked
+
+
+def test_a_decoding_step_without_padding_attends_to_every_cached_key_without_a_mask():
+    """T = 1 with a cache and no padding: no mask is built (SDPA's fused kernels), and the step equals the one
+    with the explicit all-keys mask and the uncached forward."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    k, v = torch.randn(2, 4, 9, 16, generator=g), torch.randn(2, 4, 9, 16, generator=g)
+    every = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    torch.testing.assert_close(attention(q, k, v, None), attention(q, k, v, every), rtol=1e-6, atol=1e-6)
+    model = Llama(replace(PRESETS["tiny"], vocab_size=50, num_hidden_layers=2, hidden_size=32,
+                          num_attention_heads=2, num_key_value_heads=2, intermediate_size=64))
+    model.init_weights(seed=3)
+    ids = torch.randint(0, 50, (2, 6), generator=g)
+    with torch.no_grad():
+        cache = model.new_cache(2, 6)
+        model(ids[:, :5], cache=cache)
+        step = model(ids[:, 5:], cache=cache)[:, -1]
+        full = model(ids)[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)

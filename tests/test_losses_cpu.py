@@ -6,7 +6,9 @@ import torch
 import c_build
 import losses
 import losses_cpu
-from kernel_checks import at_thread_counts, portable_build
+from kernel_checks import at_thread_counts, needs_kernels, portable_build
+
+pytestmark = needs_kernels
 
 
 def logits(n, V, dtype, seed=0, scale=4.0):

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import c_build
-from kernel_checks import at_thread_counts, portable_build
+from kernel_checks import at_thread_counts, needs_kernels, portable_build
 from lora import nf4_cpu
 from lora.nf4 import BLOCK_SIZES, quantize_nf4
+
+pytestmark = needs_kernels
 
 
 def reference(q, dtype, monkeypatch):
@@ -66,10 +68,11 @@ def test_blocks_split_between_threads_give_the_same_result(monkeypatch):
 
 def test_disabled_or_without_a_compiler_the_torch_path_is_used(monkeypatch, tmp_path):
     monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
-    monkeypatch.setenv("BEZOAR_C_KERNELS", "0")
-    lib, status = nf4_cpu.KERNEL.build()
-    assert lib is None and "BEZOAR_C_KERNELS=0" in status
+    monkeypatch.setenv("BEZOAR_C_KERNELS", "0")                   # read at every use: off at once, on again after
+    assert nf4_cpu.KERNEL.lib is None and "BEZOAR_C_KERNELS=0" in nf4_cpu.KERNEL.status
+    assert not nf4_cpu.usable("cpu", torch.float32, 64)
     monkeypatch.delenv("BEZOAR_C_KERNELS")
+    assert nf4_cpu.usable("cpu", torch.float32, 64)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     lib, status = nf4_cpu.KERNEL.build()
     assert lib is None and "no C compiler" in status and "torch path" in status
