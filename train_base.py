@@ -44,7 +44,7 @@ from data import toy
 from losses import sft_loss
 from model import PRESETS, Llama, Tokenizer, train_tokenizer
 from model.loading import save_pretrained
-from training import MetricsLogger, Progress, lr_at, make_optimizer, peak_memory_gb, seed_everything
+from training import MetricsLogger, Progress, lr_at, make_optimizer, peak_memory_gb, resolve_device, seed_everything
 
 TINY = PRESETS["tiny"]
 
@@ -103,7 +103,7 @@ def main(argv=None):
     cfg = load_config(BaseConfig, argv, prog="train_base.py")
     print(cfg)
     seed_everything(cfg.seed, deterministic=True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     out = cfg.out_dir
     tmp = out + ".tmp"                                    # built here, renamed to out when complete

@@ -59,10 +59,11 @@ from losses import IGNORE_INDEX, sequence_logps_chunked
 from lora import apply_lora
 from model import Tokenizer, check_vocab
 from model.loading import load_pretrained
-from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, check_same_config,
-                      cleanup, is_main, load_checkpoint, lr_at, make_optimizer, micro_batches, peak_memory_gb,
-                      record_eval, restore_trainable, rng_state, save_adapter_and_merged, save_checkpoint,
-                      seed_everything, set_checkpointing, setup_distributed, write_jsonl)
+from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, broadcast_params,
+                      check_same_config, cleanup, compile_blocks, is_main, load_checkpoint, lr_at,
+                      make_optimizer, micro_batches, nf4_notice, peak_memory_gb, record_eval,
+                      restore_trainable, rng_state, save_adapter_and_merged, save_checkpoint, seed_everything,
+                      set_checkpointing, setup_distributed, write_jsonl)
 
 SCHEMES = ("lamini", "orca", "evol_instruct", "hh_rlhf")
 
@@ -125,6 +126,10 @@ class SFTConfig:
     min_lr_ratio: float = 0.0             # the decay ends at min_lr_ratio · lr
     weight_decay: float = 0.0             # AdamW's decoupled weight decay (QLoRA: 0)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (torch's and bitsandbytes' defaults)
+    optimizer: Literal["adamw", "paged_adamw"] = "adamw"  # torch's fused AdamW (any device), or bitsandbytes'
+                                          # PagedAdamW (CUDA): see training.make_optimizer for the choice
+    compile: bool = False                 # CUDA: torch.compile each decoder block (fuses the torch code's
+                                          # elementwise passes; `make gpu-check` measures it); ignored on the CPU
     max_grad_norm: float = 0.3            # clip the adapters' global gradient norm (QLoRA: 0.3); 0 = off
     batch_size: int = 16                  # examples per optimizer step, over all ranks (QLoRA: 16)
     micro_batch_size: int = 4             # examples per forward pass on one rank; the rest is accumulation
@@ -216,13 +221,15 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
     # --- model: frozen (NF4) base + LoRA on q, k, v
     model = load_pretrained(start, dtype=cfg.dtype, device=device, quantize=None if cfg.quantize == "none" else "nf4")
     check_vocab(tok, model.config.vocab_size, os.path.join(start, "config.json"))
-    seed_everything(cfg.seed * 1000 + i, deterministic=True)           # same adapters on every rank
+    seed_everything(cfg.seed * 1000 + i, deterministic=True)
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    broadcast_params(p for p in model.parameters() if p.requires_grad)   # rank 0's adapters on every rank
+    compile_blocks(model, cfg.compile)
     torch.manual_seed(cfg.seed * 1000 + i + 7919 * (rank + 1))          # dropout masks: a stream per rank
     set_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
     model.train()
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}   # lora_A, lora_B
-    optimizer = make_optimizer(list(params.values()), peak_lr, cfg.weight_decay, cfg.betas, device)
+    optimizer = make_optimizer(list(params.values()), peak_lr, cfg.weight_decay, cfg.betas, device, cfg.optimizer)
 
     start_step = 0
     ckpt = load_checkpoint(stage_dir) if cfg.resume else None   # on the CPU (RNG states must be)
@@ -304,6 +311,12 @@ def main(argv=None):
     argv = bare_resume(sys.argv[1:] if argv is None else argv)     # a bare --resume means --resume true
     cfg = load_config(SFTConfig, argv, prog="train_sft.py")
     rank, world_size, _, device = setup_distributed(cfg.device)
+    if cfg.optimizer == "paged_adamw" and device.type != "cuda":
+        raise SystemExit(f'optimizer = "paged_adamw" pages states to CPU memory from a CUDA device; the device here '
+                         f'is {device}: use optimizer = "adamw"')
+    notice = nf4_notice(cfg.quantize, device)          # before anything loads: the one line, then the run goes on
+    if notice and is_main():
+        print(notice)
     if cfg.batch_size % (cfg.micro_batch_size * world_size):
         raise SystemExit(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size × world size "
                          f"= {cfg.micro_batch_size} × {world_size}")

@@ -84,13 +84,21 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, schedule="cosine", min_lr_ra
 def seed_everything(seed, deterministic=False):
     """Seed python's random, numpy and torch (CPU and every CUDA device). deterministic=True also asks
     torch for deterministic kernels (warn_only: ops without one warn instead of failing, e.g. some
-    CUDA scatter ops; CPU SDPA runs unchanged) and sets the cuBLAS workspace that CUDA needs for it."""
+    CUDA scatter ops; CPU SDPA runs unchanged) and sets the cuBLAS workspace that CUDA needs for it.
+
+    What that buys: on the CPU a resumed run equals the uninterrupted one bit for bit (tests/test_train_sft.py).
+    On CUDA it is not bit-exact (atomics in some backward kernels, cuBLAS's split-K choices, SDPA's kernels
+    have no deterministic variant for every shape): a resumed run continues the same run statistically.
+    Deterministic mode would also fill every new tensor with NaN on CUDA (fill_uninitialized_memory), a
+    write pass over each of the step's buffers that buys nothing here (every buffer is written before it is
+    read): switched off."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")    # read at the first cuBLAS call
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
 
 
@@ -106,14 +114,40 @@ def set_checkpointing(model, enabled: bool, blocks=None):
     model.checkpoint_blocks = blocks
 
 
-def make_optimizer(params, lr, weight_decay, betas, device):
-    """AdamW. On CUDA bitsandbytes' PagedAdamW (32-bit states, paged to CPU memory under pressure: the
-    QLoRA recipe's optimiser); on CPU torch.optim.AdamW (paging needs CUDA unified memory) with
-    fused=True: one kernel per parameter instead of a dozen tensor ops, 3.5x faster on the CPU for the
-    112 small LoRA tensors of bench/bench_sft_step.py; the same update up to float rounding, and as
-    deterministic (elementwise, no reduction across threads; tests/test_training.py)."""
-    if torch.device(device).type == "cuda":
-        import bitsandbytes                                             # imported here: CUDA only
+def compile_blocks(model, enabled: bool):
+    """With `enabled` (the configs' compile) and the model on CUDA, torch.compile each decoder block in place:
+    the torch code's elementwise passes (RMSNorm, rotary, SwiGLU, dropout) fuse into a few kernels, so fewer
+    trips through GPU memory and fewer fp32 temporaries. On the CPU it is left eager (one line says so): the
+    CPU speed paths (c_build.py) do that work there."""
+    if not enabled:
+        return
+    device = model.lm_head.weight.device
+    if device.type != "cuda":
+        if is_main():
+            print(f"compile = true applies on CUDA only; the model is on {device}: running it eagerly")
+        return
+    for block in model.model.layers:
+        block.compile()
+
+
+OPTIMIZERS = ("adamw", "paged_adamw")
+
+
+def make_optimizer(params, lr, weight_decay, betas, device, name="adamw"):
+    """AdamW over the adapters' parameters (on `device`).
+
+    "adamw" (the default, every device): torch.optim.AdamW with fused=True, one kernel for all parameters'
+    updates instead of a dozen tensor ops each; deterministic on the CPU (elementwise, no reduction across
+    threads; tests/test_training.py). "paged_adamw": bitsandbytes' PagedAdamW (32-bit states), the QLoRA
+    paper's optimiser, for CUDA (on CPU tensors it runs unpaged). Paging moves optimizer states to CPU memory
+    under GPU memory pressure, but bitsandbytes pages only tensors of at least 1e5 elements, and the recipe's
+    LoRA matrices (r 16 × 3200) have 51,200: nothing would be paged, and the states of all of them (8.0 M
+    parameters for OpenLLaMA 3B's q/k/v) are 64 MB. So the configs choose "adamw"; `make gpu-check` times
+    both on the GPU."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer is {name!r}, expected one of {', '.join(OPTIMIZERS)}")
+    if name == "paged_adamw":
+        import bitsandbytes                                             # imported here: only this one needs it
         return bitsandbytes.optim.PagedAdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                              optim_bits=32)
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
@@ -304,20 +338,62 @@ class MetricsLogger:
 
 # --- distributed data parallel ---------------------------------------------------------------------
 
+def resolve_device(device=None, setting="device") -> torch.device:
+    """torch.device for a config's or command line's device ('cpu', 'cuda', 'cuda:1'; None: cuda if available,
+    else cpu), checked before anything is loaded: SystemExit with one line naming `setting` for a device this
+    machine does not have."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SystemExit(f"{setting} is {device!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"{setting} is {str(device)!r} but this torch has no usable CUDA device "
+                             f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'not built'}); use cpu, "
+                             f"or install a CUDA build of torch")
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise SystemExit(f"{setting} is {str(device)!r} but this machine has {n} CUDA device(s): "
+                             f"cuda:0{f' … cuda:{n - 1}' if n > 1 else ''}")
+    elif device.type != "cpu":
+        raise SystemExit(f"{setting} is {str(device)!r}: bezoar runs on cpu or cuda")
+    return device
+
+
+def nf4_notice(quantize, device):
+    """The one line to print before loading when NF4 on CUDA cannot use bitsandbytes' kernel (None if it can,
+    or if there is no NF4 on CUDA): the run goes on with the torch dequantisation (lora/nf4.py)."""
+    if quantize != "nf4" or torch.device(device).type != "cuda":
+        return None
+    from lora.nf4 import bitsandbytes_cuda_problem
+    problem = bitsandbytes_cuda_problem(device)
+    if problem is None:
+        return None
+    return (f'quantize = "nf4" on {device}: {problem}; dequantising with bezoar\'s torch code instead (slower; '
+            f'install a bitsandbytes build with CUDA kernels for this GPU to use them)')
+
+
+# Rank 0 alone merges a finished stage into a 3B checkpoint (dequantise, add B A, write ~7 GB) and scores it
+# while the other ranks wait at a barrier; NCCL's default timeout (10 minutes) can run out during that.
+DIST_TIMEOUT = datetime.timedelta(minutes=60)
+
+
 def setup_distributed(device=None):
     """(rank, world_size, local_rank, device). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) joins the
     process group: nccl on CUDA, gloo on CPU; each rank takes GPU local_rank. Without torchrun: one
-    process, rank 0. device: 'cpu', 'cuda', 'cuda:1' or None for cuda if available, else cpu."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    process, rank 0. device: 'cpu', 'cuda', 'cuda:1' or None for cuda if available, else cpu (resolve_device)."""
+    device = resolve_device(device)
     if "RANK" not in os.environ:
         return 0, 1, 0, device
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = resolve_device(f"cuda:{local_rank}", "LOCAL_RANK's device")
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                            **({"device_id": device} if device.type == "cuda" else {}))
+                            timeout=DIST_TIMEOUT, **({"device_id": device} if device.type == "cuda" else {}))
     return rank, world_size, local_rank, device
 
 
@@ -354,13 +430,32 @@ def all_reduce_grads(params):
     """Sum each parameter's gradient over ranks, in place (nothing to do in a single process). The scripts
     divide each micro-batch's loss by the global batch's count, so the sum is the global gradient; a rank
     whose share of a short last batch was empty joins with zeros (torch's DDP wrapper averages instead, and
-    needs every rank to run the same number of backward passes)."""
+    needs every rank to run the same number of backward passes). All gradients go as one flat buffer: one
+    collective per step instead of one per LoRA matrix (156 for OpenLLaMA 3B's q/k/v), each of which costs
+    NCCL's fixed latency."""
     if not dist.is_initialized():
         return
+    params = list(params)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])                       # [Σ numel]
+    dist.all_reduce(flat)
+    for p, piece in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(piece.view_as(p.grad))
+
+
+@torch.no_grad()
+def broadcast_params(params):
+    """Give every rank rank 0's values of `params` (the freshly initialised adapters), in one flat collective:
+    the ranks then start from the same adapters by construction, whatever each rank's RNG or device did."""
+    if not dist.is_initialized():
+        return
+    params = list(params)
+    flat = torch.cat([p.reshape(-1) for p in params])
+    dist.broadcast(flat, src=0)
+    for p, piece in zip(params, flat.split([p.numel() for p in params])):
+        p.copy_(piece.view_as(p))
 
 
 # --- the run folder, resume, the end of a stage ------------------------------------------------------

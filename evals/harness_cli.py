@@ -23,6 +23,7 @@ from evals.harness import evaluate, format_table
 from evals.tasks import PRESETS, default_data_dir
 from model.loading import load_pretrained
 from model.tokenizer import Tokenizer, check_vocab
+from training import resolve_device
 
 
 @dataclass
@@ -95,7 +96,7 @@ def main(argv=None):
     for task, why in skipped.items():
         print(f"evaluate.py harness: skipping {task}: {why}", file=sys.stderr)
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device, "--device")
     try:
         model = load_pretrained(cfg.model, dtype=None if cfg.dtype == "auto" else getattr(torch, cfg.dtype),
                                 device=device, quantize=cfg.quantize)

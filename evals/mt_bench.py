@@ -56,6 +56,7 @@ from data.template import format_prompt
 from evals.mt_bench_judge import format_summary, judge_answers, read_judge_prompts, summarize
 from model.sampling import generate
 from synth.records import AppendLog, read_jsonl
+from training import resolve_device
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench"
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
@@ -186,7 +187,7 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="compute dtype; default: the checkpoint's")
     p.add_argument("--quantize", choices=["none", "nf4"], default="none", help="load the layers as 4-bit NF4")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cpu, cuda, cuda:N; default: cuda if available, else cpu")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="per turn (FastChat's default: 1024)")
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for the sampled categories")
@@ -215,7 +216,7 @@ def load_model(args):
     from lora import load_adapter
     from model import Tokenizer, check_vocab, load_pretrained
 
-    model = load_pretrained(args.model, dtype=args.dtype, device=args.device,
+    model = load_pretrained(args.model, dtype=args.dtype, device=resolve_device(args.device, "--device"),
                             quantize=None if args.quantize == "none" else "nf4")
     if args.adapter:
         load_adapter(model, args.adapter)       # the LoRA layers are made on the base layers' device

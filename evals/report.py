@@ -31,7 +31,7 @@ from evals.mt_bench_judge import summarize  # noqa: E402
 from model import Tokenizer  # noqa: E402
 from model.loading import load_pretrained  # noqa: E402
 from train_sft import SFTConfig  # noqa: E402
-from training import toy_exact_match  # noqa: E402
+from training import resolve_device, toy_exact_match  # noqa: E402
 
 
 def parse_args(argv):
@@ -131,7 +131,7 @@ def markdown(table, names):
 def main(argv=None):
     args = parse_args(argv)
     found, cfg = checkpoints(args.sft_run, args.dpo_run)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device, "--device")
     tasks = [t for t in args.tasks.split(",") if t]
     judge = bool(os.environ.get("JUDGE_URL") or os.environ.get("JUDGE_MODEL"))
     os.makedirs(args.out, exist_ok=True)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 import c_build
 from lora import dropout
-from lora.nf4 import NF4Tensor, quantize_nf4, to_bnb_quant_state
+from lora.nf4 import NF4Tensor, bitsandbytes_cuda_problem, quantize_nf4, to_bnb_quant_state
 
 TILE = 1 << 22     # values of W dequantised at a time on the CPU (16 MiB in fp32)
 KEEP_MAX_BYTES = 1 << 22   # a dequantised W up to this size (compute dtype) is kept from forward for backward
@@ -61,7 +61,7 @@ def _tiled(q: NF4Tensor, x) -> bool:
 
 
 def _dequantize(q: NF4Tensor, dtype):
-    if q.device.type == "cuda":
+    if q.device.type == "cuda" and bitsandbytes_cuda_problem(q.device) is None:
         import bitsandbytes.functional as bnbF
         return bnbF.dequantize_4bit(q.packed, to_bnb_quant_state(q, dtype))
     return q.dequantize(dtype)

@@ -270,3 +270,45 @@ def to_bnb_quant_state(q: NF4Tensor, dtype=None):
                                  blocksize=q.nested_block_size, dtype=torch.float32)
     return bnbF.QuantState(absmax=q.absmax, shape=q.shape, code=q.code, blocksize=q.block_size,
                            quant_type="nf4", dtype=dtype or q.dtype, offset=q.offset, state2=state2)
+
+
+# --- bitsandbytes' CUDA kernel ---------------------------------------------------------------------------
+
+_bitsandbytes_cuda = {}     # device → None (usable) or why not: checked once per device and process
+
+
+def bitsandbytes_cuda_problem(device):
+    """None if bitsandbytes' CUDA dequantize_4bit gives, on a small weight on `device`, exactly the values
+    of NF4Tensor.dequantize (the torch code of point 6); else one line saying why not. Checked once per device.
+
+    Why check: bitsandbytes is the fast path for NF4 on CUDA (one kernel per weight), but a wheel without a
+    CUDA binary for this GPU, or a version that stores its statistics differently, fails only at the first
+    training step after minutes of loading, or gives other weights. Where this says no, the torch code
+    dequantises instead (same values, more memory traffic)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"{device} is not a CUDA device"
+    if str(device) not in _bitsandbytes_cuda:
+        _bitsandbytes_cuda[str(device)] = _check_bitsandbytes_cuda(device)
+    return _bitsandbytes_cuda[str(device)]
+
+
+def _check_bitsandbytes_cuda(device):
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as bnbF
+    except Exception as e:                       # missing, or an install that fails at import
+        return f"bitsandbytes cannot be imported ({type(e).__name__}: {e})"
+    weight = torch.randn(96, 320, generator=torch.Generator(device="cpu").manual_seed(0), device="cpu")
+    q = quantize_nf4(weight.to(device, torch.bfloat16))            # 96 × 320: 480 blocks, 2 nested blocks
+    try:
+        got = bnbF.dequantize_4bit(q.packed, to_bnb_quant_state(q, torch.bfloat16))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)                       # a kernel's launch error shows here
+    except Exception as e:                       # e.g. no CUDA binary in the wheel for this GPU
+        return f"bitsandbytes {bitsandbytes.__version__} cannot dequantise on {device} ({type(e).__name__}: {e})"
+    want = q.dequantize(torch.bfloat16)
+    if got.shape != want.shape or not torch.equal(got, want):
+        diff = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else "shape"
+        return f"bitsandbytes {bitsandbytes.__version__}'s dequantize_4bit differs from bezoar's NF4 (max |Δ| {diff})"
+    return None

@@ -125,12 +125,12 @@ def test_draws_after_restoring_rng_equal_draws_after_saving(tmp_path):
 
 
 def test_optimizer_state_round_trips_bit_for_bit_through_weights_only_load(tmp_path):
-    """Both optimisers make_optimizer returns: torch AdamW (CPU) and bitsandbytes PagedAdamW (CUDA; on CPU
+    """Both optimisers make_optimizer returns: torch's fused AdamW and bitsandbytes' PagedAdamW (on CPU
     tensors bitsandbytes falls back to unpaged buffers, which is enough to check its state dict)."""
-    for device in ("cpu", "cuda"):
+    for name in ("adamw", "paged_adamw"):
         torch.manual_seed(0)
         p = torch.nn.Parameter(torch.randn(64, 32))
-        optimizer = make_optimizer([p], lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), device=device)
+        optimizer = make_optimizer([p], lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), device="cpu", name=name)
         p.grad = torch.randn_like(p)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")                       # bitsandbytes: "paged ... not supported on CPU"
@@ -335,27 +335,33 @@ def test_deterministic_mode_keeps_cpu_sdpa_working_and_repeatable(restore_determ
     assert torch.equal(a, b)
 
 
-def test_make_optimizer_is_adamw_on_cpu_and_paged_adamw_on_cuda():
-    """On CUDA the QLoRA optimiser (bitsandbytes PagedAdamW, 32-bit states); its update equals torch's
-    AdamW up to float rounding (checked here on CPU tensors, where bitsandbytes runs unpaged)."""
+def test_make_optimizer_is_torchs_fused_adamw_on_every_device_and_paged_adamw_by_name():
+    """The default, on CPU and CUDA alike, is torch's fused AdamW; "paged_adamw" is bitsandbytes' PagedAdamW
+    (32-bit states, the QLoRA paper's), whose update equals torch's AdamW up to float rounding (checked here on
+    CPU tensors, where bitsandbytes runs unpaged); another name is refused."""
     import bitsandbytes
     torch.manual_seed(0)
     p_cpu = torch.nn.Parameter(torch.randn(32, 16))
-    p_cuda = torch.nn.Parameter(p_cpu.detach().clone())
+    p_bnb = torch.nn.Parameter(p_cpu.detach().clone())
+    for device in ("cpu", torch.device("cuda")):
+        adamw = make_optimizer([torch.nn.Parameter(torch.zeros(2))], 1e-2, 0.0, [0.9, 0.999], device=device)
+        assert type(adamw) is torch.optim.AdamW and adamw.defaults["fused"]
     cpu = make_optimizer([p_cpu], lr=1e-2, weight_decay=0.1, betas=[0.8, 0.95], device="cpu")
-    cuda = make_optimizer([p_cuda], lr=1e-2, weight_decay=0.1, betas=[0.8, 0.95], device=torch.device("cuda"))
-    assert type(cpu) is torch.optim.AdamW and type(cuda) is bitsandbytes.optim.PagedAdamW
-    for group in (cpu.param_groups[0], cuda.param_groups[0]):
+    paged = make_optimizer([p_bnb], lr=1e-2, weight_decay=0.1, betas=[0.8, 0.95], device="cpu", name="paged_adamw")
+    assert type(paged) is bitsandbytes.optim.PagedAdamW
+    for group in (cpu.param_groups[0], paged.param_groups[0]):
         assert (group["lr"], group["weight_decay"], group["betas"]) == (1e-2, 0.1, (0.8, 0.95))
-    assert cuda.args.optim_bits == 32 and cuda.is_paged
+    assert paged.args.optim_bits == 32 and paged.is_paged
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(3):
             g = torch.randn(32, 16)
-            p_cpu.grad, p_cuda.grad = g.clone(), g.clone()
+            p_cpu.grad, p_bnb.grad = g.clone(), g.clone()
             cpu.step()
-            cuda.step()
-    torch.testing.assert_close(p_cuda, p_cpu, rtol=1e-5, atol=1e-6)
+            paged.step()
+    torch.testing.assert_close(p_bnb, p_cpu, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="optimizer is 'sgd', expected one of adamw, paged_adamw"):
+        make_optimizer([p_cpu], 1e-2, 0.0, [0.9, 0.999], "cpu", name="sgd")
 
 
 def test_cpu_optimizer_is_fused_equals_the_for_loop_adamw_and_repeats_bit_for_bit():
