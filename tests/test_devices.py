@@ -70,7 +70,7 @@ def test_bitsandbytes_check_says_why_when_it_is_missing_fails_or_disagrees(monke
     monkeypatch.setattr(bnbF, "dequantize_4bit", no_binary)
     assert "cannot dequantise on cpu (RuntimeError: no kernel image" in nf4._check_bitsandbytes_cuda(cpu)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    assert nf4._check_bitsandbytes_cuda(cpu).startswith("bitsandbytes cannot be imported (ImportError")
+    assert nf4._check_bitsandbytes_cuda(cpu).startswith("bitsandbytes cannot be imported (ModuleNotFoundError")
 
 
 def test_nf4_on_cuda_without_bitsandbytes_is_one_line_of_notice_and_the_torch_path(monkeypatch):
