@@ -108,9 +108,9 @@ class _FrozenHeadTokenLogps(torch.autograd.Function):
     """log p(y) of N positions through a frozen lm_head, C rows at a time; ∂/∂h is computed in forward
     (see the module docstring) and scaled by the incoming gradient in backward.
 
-    One softmax pass gives both: p = softmax(z) in at least fp32, log p(y) = log p[y] (a value below
-    1e-30, where fp32 loses relative precision, is redone exactly as z[y] − logsumexp(z)), and
-    ∂ log p(y)/∂z = onehot(y) − p.
+    One log-softmax pass gives both: log p = log_softmax(z) in at least fp32, log p(y) = (log p)[y] (exact
+    even where p(y) underflows in fp32), and, exponentiated in place, ∂ log p(y)/∂z = onehot(y) − p. No step
+    looks at values on the host, so on a GPU the chunks queue without waiting.
 
     Why one node for all chunks, with three [C, V] buffers reused by every chunk: a fresh C × V buffer
     (32 MB at C = 256 in fp32, above glibc's mmap threshold) is new pages from the kernel each time, and
@@ -143,13 +143,10 @@ class _FrozenHeadTokenLogps(torch.autograd.Function):
             torch.mm(h[i:i + n], lm_head_weight.t(), out=zc)                  # z = h Wᵀ in h's dtype
             if zw is not zc:
                 zw.copy_(zc)
-            torch.softmax(zw, dim=-1, out=pc)
-            token_p = pc.gather(-1, yc[:, None]).squeeze(-1)                  # [n]
-            torch.log(token_p, out=token_logps[i:i + n])
-            tiny = (token_p < 1e-30).nonzero()[:, 0]                          # rows where p[y] has underflowed
-            if tiny.numel():
-                token_logps[i + tiny] = zw[tiny, yc[tiny]] - zw[tiny].logsumexp(-1)
+            torch.log_softmax(zw, dim=-1, out=pc)                             # log p: exact where p underflows
+            token_logps[i:i + n] = pc.gather(-1, yc[:, None]).squeeze(-1)     # [n] log p(y)
             if need_grad:
+                pc.exp_()                                                     # p
                 pc.scatter_add_(-1, yc[:, None], pc.new_full((n, 1), -1.0))  # p − onehot(y)
                 if zc is not pc:
                     zc.copy_(pc)                                              # in h's dtype (z is free now)

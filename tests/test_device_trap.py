@@ -223,3 +223,39 @@ def test_checkpoint_save_and_resume(micro, tmp_path):
     assert step == 1
     for n in straight:
         torch.testing.assert_close(again[n], straight[n], rtol=0, atol=0)
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators that make the host wait for a device: reading a value (item, int, bool: aten's
+    _local_scalar_dense) and results whose shape depends on the data (nonzero, masked_select, boolean
+    indexing). On the CPU nothing waits, but the same calls on CUDA would block the host each time."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        boolean_index = name == "index" and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                                                for t in (args[1] if len(args) > 1 else []) if t is not None)
+        self.count += name in self.SYNCING or boolean_index
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_chunked_loss_syncs_a_fixed_number_of_times_whatever_the_chunk_count():
+    """The frozen-head chunked loss (what every SFT and DPO step runs) looks at values on the host a fixed
+    number of times per call (the label check, selecting the response rows), not once per chunk."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(3, 20, 16, generator=g, device="cpu", requires_grad=True)
+    W = torch.randn(40, 16, generator=g, device="cpu")
+    labels = torch.randint(0, 40, (3, 20), generator=g, device="cpu")
+    labels[:, :5] = -100
+    counts = []
+    with speed_paths_off():
+        for chunk_size in (2, 7, 64):                        # 26, 8 and 1 chunks of the 51 response tokens
+            with HostSyncs() as syncs:
+                sequence_logps_chunked(hidden, W, labels, chunk_size).sum().backward()
+            counts.append(syncs.count)
+    assert counts[0] == counts[1] == counts[2] and counts[0] <= 4, counts

@@ -392,11 +392,17 @@ def test_cpu_optimizer_is_fused_equals_the_for_loop_adamw_and_repeats_bit_for_bi
 DDP_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {repo!r})
-from training import (GracefulExit, MetricsLogger, all_reduce_mean, cleanup, is_main, rng_state, set_rng_state,
-                      setup_distributed)
+from training import (GracefulExit, MetricsLogger, all_reduce_grads, all_reduce_mean, broadcast_params, cleanup,
+                      is_main, rng_state, set_rng_state, setup_distributed)
 rank, world_size, local_rank, device = setup_distributed("cpu")
 x = torch.tensor([rank + 1.0, 10.0 * rank])
 mean = all_reduce_mean(x)
+params = [torch.nn.Parameter(torch.full((2, 3), rank + 1.0)), torch.nn.Parameter(torch.full((4,), 10.0 * rank + 1))]
+broadcast_params(params)                         # rank 0's values everywhere
+params[0].grad = torch.arange(6.0).view(2, 3) * (rank + 1)
+if rank == 0:
+    params[1].grad = torch.ones(4)               # rank 1's share had no gradient for it: it joins with zeros
+all_reduce_grads(params)
 torch.manual_seed(rank)                          # each rank its own streams
 rng = rng_state()
 expected = torch.rand(3)
@@ -408,7 +414,8 @@ stop.requested = rank == 1                       # the signal reached rank 1 onl
 result = {{"rank": rank, "world_size": world_size, "local_rank": local_rank, "device": str(device),
           "backend": torch.distributed.get_backend(), "is_main": is_main(), "mean": mean.tolist(),
           "x": x.tolist(), "stop": stop.should_stop(), "rng_ranks": len(rng),
-          "rng_differ": not torch.equal(rng[0]["torch"], rng[1]["torch"]), "restored": restored_own_stream}}
+          "rng_differ": not torch.equal(rng[0]["torch"], rng[1]["torch"]), "restored": restored_own_stream,
+          "params": [p.tolist() for p in params], "grads": [p.grad.tolist() for p in params]}}
 MetricsLogger(sys.argv[1] + "/metrics.jsonl").log(rank=rank)
 with open(f"{{sys.argv[1]}}/rank{{rank}}.json", "w") as f:
     json.dump(result, f)
@@ -416,7 +423,7 @@ cleanup()
 """
 
 
-def test_two_gloo_processes_average_agree_to_stop_and_keep_their_own_rng(tmp_path):
+def test_two_gloo_processes_average_broadcast_sum_gradients_agree_to_stop_and_keep_their_own_rng(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(repo=REPO))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -431,6 +438,8 @@ def test_two_gloo_processes_average_agree_to_stop_and_keep_their_own_rng(tmp_pat
         assert result["stop"] is True                                # rank 0 stops too
         assert result["is_main"] is (r == 0)
         assert result["rng_ranks"] == 2 and result["rng_differ"] and result["restored"]
+        assert result["params"] == [[[1.0] * 3] * 2, [1.0] * 4]                # broadcast from rank 0
+        assert result["grads"] == [[[0.0, 3.0, 6.0], [9.0, 12.0, 15.0]], [1.0] * 4]   # summed, in one buffer
     assert [json.loads(line)["rank"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0]
 
 
