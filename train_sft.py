@@ -251,7 +251,8 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
                                         "optimizer": optimizer.state_dict(), "step": step, "rng": rng})
 
     # --- loop
-    progress, window, tokens = Progress(total, start_step), [], 0
+    progress, tokens = Progress(total, start_step), 0
+    window, window_steps = torch.zeros((), device=device), 0   # the losses since the last log line, on the device
     batches, batches_epoch = None, None
     for step in range(start_step, total):
         epoch, k = divmod(step, len(sampler))
@@ -281,13 +282,14 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        window.append(loss_sum.item())
+        window += loss_sum                              # read on the host at log lines only: no sync per step
+        window_steps += 1
         tokens += sum(len(rows[j]["input_ids"]) for j in batch)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-            logger.log(stage=stage.name, step=step + 1, loss=sum(window) / len(window), lr=lr,
+            logger.log(stage=stage.name, step=step + 1, loss=window.item() / window_steps, lr=lr,
                        grad_norm=grad_norm.item(), **progress.update(step + 1, tokens),
                        peak_mem_gb=peak_memory_gb(device))
-            window, tokens = [], 0
+            window, window_steps, tokens = torch.zeros((), device=device), 0, 0
         stopping = stop.should_stop()
         if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             checkpoint(step + 1)
