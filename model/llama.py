@@ -236,12 +236,13 @@ def attention(q, k, v, mask, gqa=False, pad_head_dim=None):
     padding); this lets SDPA pick its fused kernels. Otherwise a boolean [B or 1, 1, T, S], True = may attend.
     With an explicit mask CUDA's only fused kernel is the memory-efficient one, which needs Dh to be a multiple
     of 8 (OpenLLaMA's is 100); without it SDPA falls back to its math kernel, which materialises fp32
-    [B, H, T, S] scores (16 × 2048 harness rows: ~25 GB). So on CUDA q, k, v are zero-padded to the next
+    [B, H, T, S] scores (16 × 2048 harness rows: ~25 GB). So with a mask q, k, v are zero-padded to the next
     multiple of 8 with the scale of the true Dh kept: the padded columns add 0 to every q·k and give output
-    columns of 0, which are cut off. pad_head_dim forces it (True) or not (False); None: CUDA with a mask."""
+    columns of 0, which are cut off. Done on every device, so the CPU runs what CUDA runs (its cost there is
+    three small copies). pad_head_dim: None = with a mask; True/False force it (the tests)."""
     Dh = q.shape[-1]
     if pad_head_dim is None:
-        pad_head_dim = mask is not None and q.device.type == "cuda"
+        pad_head_dim = mask is not None
     if pad_head_dim and Dh % 8:
         q, k, v = (F.pad(t, (0, -Dh % 8)) for t in (q, k, v))                       # [.., Dh + pad]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=Dh ** -0.5, enable_gqa=gqa)

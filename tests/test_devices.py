@@ -82,3 +82,18 @@ def test_nf4_on_cuda_without_bitsandbytes_is_one_line_of_notice_and_the_torch_pa
     assert training.nf4_notice("nf4", torch.device("cpu")) is None
     monkeypatch.setitem(nf4._bitsandbytes_cuda, "cuda:0", None)
     assert training.nf4_notice("nf4", torch.device("cuda", 0)) is None
+
+
+def test_compile_applies_on_cuda_only_and_says_so_elsewhere(capsys):
+    from dataclasses import replace
+
+    from model.config import PRESETS
+    from model.llama import Llama
+    model = Llama(replace(PRESETS["tiny"], num_hidden_layers=2))
+    forward = [b.forward for b in model.model.layers]
+    training.compile_blocks(model, False)
+    assert capsys.readouterr().out == ""
+    training.compile_blocks(model, True)
+    assert capsys.readouterr().out == "compile = true applies on CUDA only; the model is on cpu: running it eagerly\n"
+    assert [b.forward for b in model.model.layers] == forward and all(b._compiled_call_impl is None
+                                                                      for b in model.model.layers)
