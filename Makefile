@@ -4,7 +4,7 @@ RUN    := $(PY) -u
 STAMP  := .venv/.installed-runtime
 TSTAMP := .venv/.installed-test
 
-.PHONY: demo base data sft dpo eval test bench download help
+.PHONY: demo base data sft dpo eval test bench gpu-check download help
 help:
 	@echo "make sft dpo eval  the recipe on the embedded CPU default (toy world, tiny LLaMA; ~10 min on 2 cores)"
 	@echo "make base      pretrain the tiny toy base (runs/base); sft builds it when missing"
@@ -12,6 +12,7 @@ help:
 	@echo "make demo      build a tiny model and tokenizer, save, reload and sample from it (CPU, ~1 min)"
 	@echo "make test      run the test suite twice, CPU speed paths on and off (installs the test-only oracles first)"
 	@echo "make bench     run the benchmarks in bench/ (slow; needs ~10 GB of disk for the 3B checkpoint)"
+	@echo "make gpu-check CUDA against CPU, the 3B steps against their peers (one GPU, < 5 min; no GPU: the CPU half)"
 	@echo "make download  fetch OpenLLaMA 3B v2 from the hub (needs network): MODEL=... OUT=..."
 
 $(STAMP): requirements.txt
@@ -64,6 +65,9 @@ bench: $(TSTAMP)
 	$(RUN) bench/bench_dpo.py
 	$(RUN) bench/bench_chat_api.py
 	$(RUN) bench/bench_eval.py
+
+gpu-check: $(TSTAMP)
+	$(RUN) bench/gpu_check.py
 
 MODEL ?= openlm-research/open_llama_3b_v2
 OUT   ?= checkpoints/open_llama_3b_v2

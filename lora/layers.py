@@ -60,8 +60,13 @@ def _tiled(q: NF4Tensor, x) -> bool:
     return x.device.type == "cpu" and c_build.enabled() and len(q.shape) == 2 and q.shape[1] % q.block_size == 0
 
 
+def _bitsandbytes(q: NF4Tensor) -> bool:
+    """True where bitsandbytes' CUDA kernels run this weight (checked once per device: lora/nf4.py)."""
+    return q.device.type == "cuda" and bitsandbytes_cuda_problem(q.device) is None
+
+
 def _dequantize(q: NF4Tensor, dtype):
-    if q.device.type == "cuda" and bitsandbytes_cuda_problem(q.device) is None:
+    if _bitsandbytes(q):
         import bitsandbytes.functional as bnbF
         return bnbF.dequantize_4bit(q.packed, to_bnb_quant_state(q, dtype))
     return q.dequantize(dtype)
@@ -153,7 +158,15 @@ class Linear4bit(nn.Module):
     def forward(self, x):                                                     # [..., K]
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear4bit: input has {x.shape[-1]} features, expected {self.in_features}")
-        y = NF4Matmul.apply(x.reshape(-1, self.in_features).to(self.compute_dtype), self.weight)   # [M, N]
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)                                # [M, K]
+        if x2.shape[0] == 1 and not (torch.is_grad_enabled() and x.requires_grad) and _bitsandbytes(self.weight):
+            # One row without gradients (a decoding step): bitsandbytes' 4-bit matrix-vector kernel reads the
+            # packed codes directly instead of dequantising all of W first.
+            import bitsandbytes
+            state = to_bnb_quant_state(self.weight, self.compute_dtype)
+            y = bitsandbytes.matmul_4bit(x2, self.weight.packed.t(), state)                         # [1, N]
+        else:
+            y = NF4Matmul.apply(x2, self.weight)                                                     # [M, N]
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)          # [..., N]
 
     def _apply(self, fn, recurse=True):

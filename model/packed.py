@@ -29,11 +29,13 @@ def tree_mask(segment):
 
 def hidden_states_packed(model, input_ids, position_ids, mask):
     """Final normed hidden states [B, T, D] of a Llama for input_ids and position_ids [B, T] under an
-    explicit boolean mask [B, 1, T, T]; no KV cache. Activation checkpointing as in Llama.hidden_states."""
+    explicit boolean mask [B, 1, T, T]; no KV cache. Activation checkpointing as in Llama.hidden_states
+    (checkpoint_blocks included)."""
     x = model.model.embed_tokens(input_ids)                                        # [B, T, D]
     cos, sin = rotary_cos_sin(position_ids, model.config.head_dim, model.config.rope_theta, x.dtype)
-    for block in model.model.layers:
-        if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
+    n_checkpointed = len(model.model.layers) if model.checkpoint_blocks is None else model.checkpoint_blocks
+    for i, block in enumerate(model.model.layers):
+        if model.gradient_checkpointing and i < n_checkpointed and model.training and torch.is_grad_enabled():
             x = checkpoint(block, x, cos, sin, mask, None, use_reentrant=False)
         else:
             x = block(x, cos, sin, mask)

@@ -7,6 +7,7 @@ only (see Llama.hidden_states), so a padded prompt is continued exactly as it wo
 Each step feeds only the newest token and reuses the cached keys and values of all earlier ones;
 `use_cache=False` recomputes the whole sequence instead (the slow reference the tests compare with).
 """
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,53 @@ def left_pad(prompts: list, pad_id: int, device):
     return ids, mask
 
 
+class StopStringWatch:
+    """Tells, token by token, when a row's decoded text first contains one of stop_strings, decoding only a
+    window of the row's newest tokens rather than its whole answer (which made each token cost the answer's
+    length, and an answer its square).
+
+    Why the window is enough. SentencePiece's text is its pieces' texts joined, with two context effects:
+    the first piece loses its leading space, and consecutive byte-fallback pieces decode together as UTF-8
+    (bytes that make no character give U+FFFD each).
+    - A stop string that was not in the text one token ago can only appear at its end: the new token
+      appends its piece, or its byte completes a character begun by the last 3 byte pieces. So the stop
+      string's own L characters reach the newest token.
+    - L characters come from at most 4·L tokens that show text on their own: a piece has at least one
+      character, a character at most 4 byte pieces. Tokens that decode to nothing on their own (BOS, EOS
+      and pad, which Tokenizer.decode drops, control pieces, a bare "▁") are not counted: any number of
+      them may sit in between, and the window takes in all of them.
+    - The window starts one counted token earlier, 4·L + 1 counted tokens in all (L of the longest stop
+      string), so the stop string begins after the window's first token. Only that first token can decode
+      differently from the full text: it loses its leading space, or, cut from the start of its UTF-8
+      character, gives U+FFFD up to the next character, from where both decodes agree.
+    So the window's text holds every stop string new to the full text. A hit is confirmed on the full
+    text (once per row: the row stops there), so a U+FFFD made by the cut can never stop a row early.
+    The result equals searching the whole decoded answer after every token."""
+
+    def __init__(self, stop_strings, tokenizer, batch_size: int):
+        self.stop_strings = tuple(stop_strings)
+        self.tokenizer = tokenizer
+        self.window = 4 * max(len(s) for s in self.stop_strings) + 1
+        # Per row, the positions of its newest `window` tokens that show text on their own.
+        self.shown = [deque(maxlen=self.window) for _ in range(batch_size)]
+        self.shows_text = {}                                                     # token id -> bool, cached
+
+    def found(self, tokens) -> bool:
+        text = self.tokenizer.decode(tokens)
+        return any(s in text for s in self.stop_strings)
+
+    def hit(self, i: int, tokens: list) -> bool:
+        """Whether row i's answer `tokens` (its newest token last) now contains a stop string, given that
+        it did not one token ago."""
+        t = tokens[-1]
+        if t not in self.shows_text:
+            self.shows_text[t] = self.tokenizer.decode([t]) != ""
+        if self.shows_text[t]:
+            self.shown[i].append(len(tokens) - 1)
+        start = self.shown[i][0] if len(self.shown[i]) == self.window else 0
+        return self.found(tokens[start:]) and (start == 0 or self.found(tokens))
+
+
 @torch.no_grad()
 def generate(model, prompts: list, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
              eos_id: int | None = None, stop_strings=(), tokenizer=None, generator=None,
@@ -71,31 +119,40 @@ def generate(model, prompts: list, max_new_tokens: int, *, temperature: float = 
 
     new = [[] for _ in range(B)]
     reason = [None] * B
-    step_ids = ids                                                               # tokens fed this step
+    stops = StopStringWatch(stop_strings, tokenizer, B) if stop_strings else None
     # Without padding the prompt needs no explicit mask: SDPA then runs its fused causal kernel.
-    padded = not bool(mask.all())
-    for _ in range(max_new_tokens):
+    # Decided from the prompts' lengths on the host, not from the mask on the device (a sync).
+    padded = any(len(p) < T0 for p in prompts)
+    if padded:
+        # Every generated token is real, so the mask over the whole run is the prompt's followed by ones:
+        # fill it once, and pass each step a view of its first columns instead of growing it.
+        full_mask = torch.ones((B, T0 + max_new_tokens), dtype=mask.dtype, device=device)
+        full_mask[:, :T0] = mask
+    step_ids = ids                                                               # tokens fed this step
+    for k in range(max_new_tokens):
+        seen = full_mask[:, :T0 + k] if padded else None                         # [B, T0 + k] or None
         if use_cache:
-            hidden = model.hidden_states(step_ids, attention_mask=mask if padded else None, cache=cache)  # [B, t, D]
+            hidden = model.hidden_states(step_ids, attention_mask=seen, cache=cache)   # [B, t, D]
         else:
-            hidden = model.hidden_states(ids, attention_mask=mask if padded else None)                     # [B, T, D]
+            hidden = model.hidden_states(ids, attention_mask=seen)                     # [B, T, D]
         logits = model.lm_head(hidden[:, -1])                                    # [B, V] last position only
         nxt = sample_next(logits, temperature, top_p, generator)                # [B]
-        for i in range(B):
+        # The step's one device→host transfer, for the whole batch: reading the rows one by one
+        # (int(nxt[i])) would stall a GPU once per row per token.
+        for i, t in enumerate(nxt.tolist()):
             if reason[i] is not None:
                 continue
-            t = int(nxt[i])
             if eos_id is not None and t == eos_id:
                 reason[i] = "eos"
                 continue
             new[i].append(t)
-            if stop_strings and any(s in tokenizer.decode(new[i]) for s in stop_strings):
+            if stops is not None and stops.hit(i, new[i]):
                 reason[i] = "stop"
         if all(r is not None for r in reason):
             break
         step_ids = nxt[:, None]                                                  # [B, 1]
-        ids = torch.cat([ids, step_ids], dim=1)                                  # [B, T+1]
-        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+        if not use_cache:  # the full recomputation needs every token; the cached path only the newest
+            ids = torch.cat([ids, step_ids], dim=1)                              # [B, T+1]
     model.train(was_training)
 
     out = []

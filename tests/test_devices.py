@@ -97,3 +97,25 @@ def test_compile_applies_on_cuda_only_and_says_so_elsewhere(capsys):
     assert capsys.readouterr().out == "compile = true applies on CUDA only; the model is on cpu: running it eagerly\n"
     assert [b.forward for b in model.model.layers] == forward and all(b._compiled_call_impl is None
                                                                       for b in model.model.layers)
+
+
+def test_a_decoding_row_goes_through_bitsandbytes_4bit_matvec_where_it_is_usable(monkeypatch):
+    """Where bitsandbytes' kernels are in use (CUDA, after the check), one row without gradients takes its
+    matmul_4bit (the 4-bit matrix-vector kernel); its product equals dequantising W first. Run here with the
+    check's answer for the CPU forced to yes, since bitsandbytes' CPU backend has the same function."""
+    import bitsandbytes
+
+    from lora import Linear4bit, layers
+    torch.manual_seed(0)
+    layer = Linear4bit(torch.randn(96, 320), compute_dtype=torch.bfloat16)
+    x = torch.randn(1, 1, 320)
+    want = (x.bfloat16().view(1, 320) @ layer.dequantized_weight().t()).float().view(1, 1, 96)
+    calls = []
+    real = bitsandbytes.matmul_4bit
+    monkeypatch.setattr(bitsandbytes, "matmul_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(layers, "_bitsandbytes", lambda q: True)
+    with torch.no_grad():
+        got = layer(x)
+        assert calls == [1] and torch.equal(got, want)
+        layer(torch.randn(2, 320))                                   # two rows: dequantise, F.linear
+    assert calls == [1]

@@ -177,3 +177,27 @@ def test_a_decoding_step_without_padding_attends_to_every_cached_key_without_a_m
         step = model(ids[:, 5:], cache=cache)[:, -1]
         full = model(ids)[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_checkpoint_the_blocks_that_checkpoint_blocks_names(monkeypatch):
+    """model/packed.py follows Llama.checkpoint_blocks as hidden_states does: with 1 of 2 blocks checkpointed,
+    one block is recomputed, and the gradients are those of no checkpointing."""
+    import model.packed as packed
+    m = tiny(seed=4).train()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    segment = torch.tensor([[0, 0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 1, -1, -1]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 3, 4], [0, 1, 2, 3, 4, 0, 0]])
+    calls = []
+    real = packed.checkpoint
+    monkeypatch.setattr(packed, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grads = {}
+    for ckpt, blocks in ((False, None), (True, 1), (True, None)):
+        m.gradient_checkpointing, m.checkpoint_blocks = ckpt, blocks
+        m.zero_grad()
+        packed.hidden_states_packed(m, ids, positions, packed.tree_mask(segment)).square().sum().backward()
+        grads[ckpt, blocks] = [p.grad.clone() for p in m.parameters() if p.grad is not None]   # (not lm_head)
+    assert len(calls) == 1 + 2                                  # one block, then both
+    for g in (grads[True, 1], grads[True, None]):
+        assert len(g) == len(grads[False, None]) > 0
+        for a, b in zip(g, grads[False, None]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

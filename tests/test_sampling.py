@@ -1,12 +1,24 @@
-"""Sampling with a KV cache: cached decoding equals recomputing the whole sequence each step."""
+"""Sampling with a KV cache: cached decoding equals recomputing the whole sequence each step.
+
+Stop strings are watched on a window of each row's newest tokens; the oracle for that is the plain loop
+that decodes the whole answer after every token (reference_stops below), run on scripted token streams
+through a SentencePiece tokenizer with byte-fallback pieces."""
+import random
+from collections import deque
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from data import toy
+from model import sampling
 from model.config import PRESETS
 from model.llama import Llama
 from model.sampling import generate, left_pad, sample_next
+from model.tokenizer import Tokenizer, train_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CharTokenizer:
@@ -103,3 +115,238 @@ def test_bad_arguments_are_refused(model):
         generate(model, [[1]], 3, top_p=0.0)
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, [[1]], 3, stop_strings=["x"])
+
+
+# --- Stop strings on a window of the newest tokens equal the whole-answer search -------------------------
+
+def reference_stops(streams, eos_id, stop_strings, tokenizer):
+    """The oracle: generate's stopping as it was, decoding each row's whole answer after every token.
+    Returns (tokens, text, finish_reason) per row."""
+    out = []
+    for stream in streams:
+        new, reason = [], None
+        for t in stream:
+            if eos_id is not None and t == eos_id:
+                reason = "eos"
+                break
+            new.append(t)
+            if any(s in tokenizer.decode(new) for s in stop_strings):
+                reason = "stop"
+                break
+        text = tokenizer.decode(new)
+        for s in stop_strings:
+            text = text.split(s)[0]
+        out.append((new, text, reason or "length"))
+    return out
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a Llama in generate: greedy decoding of any one-token prompts yields row i's
+    script[i][k] as its k-th new token (hidden state = one-hot of that token, lm_head = identity)."""
+
+    def __init__(self, script, vocab_size):
+        super().__init__()
+        self.script = torch.tensor(script)                                      # [B, N]
+        self.config = SimpleNamespace(pad_token_id=0, max_position_embeddings=10_000)
+        self.lm_head = torch.nn.Linear(vocab_size, vocab_size, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.eye(vocab_size))
+
+    def new_cache(self, batch_size, max_len):
+        return SimpleNamespace(length=0)
+
+    def hidden_states(self, input_ids, attention_mask=None, cache=None):
+        S = input_ids.shape[1] + (cache.length if cache is not None else 0)     # tokens seen, prompt's 1 first
+        if cache is not None:
+            cache.length = S
+        return torch.nn.functional.one_hot(self.script[:, S - 1], self.lm_head.in_features).float()[:, None]
+
+
+def generate_scripted(streams, tokenizer, **kw):
+    """generate() run on ScriptedModel(streams): (tokens, text, finish_reason) per row."""
+    model = ScriptedModel(streams, tokenizer.vocab_size)
+    out = generate(model, [[1]] * len(streams), len(streams[0]), tokenizer=tokenizer, **kw)
+    return [(c.tokens, c.text, c.finish_reason) for c in out]
+
+
+@pytest.fixture(scope="module")
+def sp_tok(tmp_path_factory):
+    """A byte-fallback SentencePiece model of the project's kind: accented letters seen in training get
+    pieces; ñ, ß, CJK and emoji do not, and are encoded as their UTF-8 bytes."""
+    texts = toy.pretraining_text(300, 0) + ["café crème naïve über"] * 5
+    tok = Tokenizer(train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "sp", vocab_size=384))
+    assert any(tok.sp.is_byte(i) for i in tok.encode("東京 😀", bos=False))
+    assert not any(tok.sp.is_byte(i) for i in tok.encode("café", bos=False))
+    return tok
+
+
+PARTS = ("cat", "the", " cat", " is", " plus ", "7", "12", ".", " ", "  ", "\n", "é", "ü", "naïve", "ñ", "ß",
+         "東京", "日本語", "😀", "🎉", " 😀", "a", "b")
+
+
+def random_stream(rng, tok, n, eos_rate=0.0):
+    """n token ids: encoded random text, with tokens that decode to nothing on their own (BOS, pad, EOS,
+    a bare "▁") and lone byte pieces (cutting or forging UTF-8 characters) sprinkled in."""
+    text = "".join(rng.choice(PARTS) for _ in range(n))
+    bare_space = tok.sp.piece_to_id("▁")
+    byte_ids = [i for i in range(tok.vocab_size) if tok.sp.is_byte(i) and i - 3 >= 0x80]
+    out = []
+    for t in tok.encode(text, bos=False):
+        r = rng.random()
+        if r < 0.10:
+            out += [rng.choice([tok.bos_id, tok.pad_id, tok.eos_id])] * rng.randint(1, 4)
+        elif r < 0.14:
+            out.append(bare_space)
+        elif r < 0.17:
+            out.append(rng.choice(byte_ids))
+        if rng.random() < eos_rate:
+            out.append(tok.eos_id)
+        out.append(t)
+    return out[:n]
+
+
+def random_stop_strings(rng, tok, stream):
+    """Three stop strings the stream's text is likely to contain late: pieces of the decoded text near the
+    end of a random prefix, one of them starting at a space, up to 6 characters."""
+    stops = []
+    while len(stops) < 3:
+        text = tok.decode(stream[:rng.randint(len(stream) // 2, len(stream))])
+        L = rng.randint(1, 6)
+        if len(stops) == 0 and " " in text[len(text) // 2:]:
+            start = rng.choice([j for j, c in enumerate(text) if c == " " and j >= len(text) // 2])
+        else:
+            start = max(0, len(text) - L - rng.randint(0, 3))
+        if text[start:start + L]:
+            stops.append(text[start:start + L])
+    return stops
+
+
+def compare_with_reference(tok, trials, seed, eos_id=None, use_cache=True):
+    """Runs `trials` random batches of 4 rows through generate and the oracle; returns the mismatches and
+    how many rows stopped at a stop string after the window had left their first token behind."""
+    rng = random.Random(seed)
+    mismatches, late_stops = [], 0
+    for _ in range(trials):
+        streams = [random_stream(rng, tok, 60, eos_rate=0.01 if eos_id is not None else 0.0) for _ in range(4)]
+        stops = random_stop_strings(rng, tok, rng.choice(streams))
+        got = generate_scripted(streams, tok, eos_id=eos_id, stop_strings=stops, use_cache=use_cache)
+        want = reference_stops(streams, eos_id, stops, tok)
+        if got != want:
+            mismatches.append((streams, stops, got, want))
+        window = 4 * max(map(len, stops)) + 1
+        late_stops += sum(r == "stop" and len(t) > window for t, _, r in want)
+    return mismatches, late_stops
+
+
+@pytest.mark.parametrize("seed, eos_id, use_cache", [(0, None, True), (1, 2, True), (2, None, False)],
+                         ids=["no-eos", "eos", "no-cache"])
+def test_windowed_stop_strings_equal_the_whole_answer_search(sp_tok, seed, eos_id, use_cache):
+    mismatches, late_stops = compare_with_reference(sp_tok, 60, seed, eos_id=eos_id, use_cache=use_cache)
+    assert not mismatches, mismatches[0]
+    assert late_stops >= 10          # the window really slid: many hits came long after the first token
+
+
+def test_a_window_too_short_is_caught(sp_tok, monkeypatch):
+    """The random cases are sharp enough: one token per character (too few for byte pieces and the
+    tokens that decode to nothing) makes generate disagree with the oracle."""
+    init = sampling.StopStringWatch.__init__
+
+    def too_short(self, *args):
+        init(self, *args)
+        self.window = max(map(len, self.stop_strings))
+        self.shown = [deque(maxlen=self.window) for _ in self.shown]
+
+    monkeypatch.setattr(sampling.StopStringWatch, "__init__", too_short)
+    mismatches, _ = compare_with_reference(sp_tok, 60, seed=0)
+    assert mismatches
+
+
+def test_stop_string_across_byte_pieces_and_many_silent_tokens(sp_tok):
+    """"😀😀" is 8 byte pieces; with 5 BOS/pad ids after each it spans 48 tokens, far more than 4·L + 2,
+    but the ids that decode to nothing are not counted. The window must take them all in."""
+    tok = sp_tok
+    lead = tok.encode("the cat is", bos=False)
+    emoji = tok.encode("😀😀", bos=False)[-8:]
+    assert all(tok.sp.is_byte(i) for i in emoji)
+    silent = [tok.bos_id, tok.pad_id] * 2 + [tok.bos_id]
+    stream = lead + [t for b in emoji for t in [b] + silent] + tok.encode(" more", bos=False)
+    got = generate_scripted([stream], tok, stop_strings=["s😀😀", "😀😀"])
+    assert got == reference_stops([stream], None, ["s😀😀", "😀😀"], tok)
+    assert got[0][2] == "stop" and got[0][1] == "the cat i"       # cut before the first stop string, "s😀😀"
+
+
+def test_stop_string_starting_with_a_space(sp_tok):
+    """A piece like "▁cat" first in a decode loses its space: the window must start before it."""
+    tok = sp_tok
+    stream = tok.encode("the dog and the cat sat", bos=False)
+    for stop in (" cat", " c", " the cat", "t"):
+        got = generate_scripted([stream], tok, stop_strings=[stop])
+        assert got == reference_stops([stream], None, [stop], tok), stop
+    assert generate_scripted([stream], tok, stop_strings=[" cat"])[0][1] == "the dog and the"
+
+
+def test_a_character_cut_by_the_window_never_stops_a_row(sp_tok):
+    """A window starting inside "😀" decodes its last byte as U+FFFD: "\ufffdb" is then in the window's text
+    but never in the answer's, so a hit in the window alone must not stop the row."""
+    tok = sp_tok
+    b = tok.sp.piece_to_id("b")
+    assert tok.decode([b]) == "b"
+    stream = tok.encode("😀", bos=False)[-4:] + [b] * 12
+    got = generate_scripted([stream], tok, stop_strings=["\ufffdb"])
+    assert got == reference_stops([stream], None, ["\ufffdb"], tok)
+    assert got[0][2] == "length"
+
+
+def test_a_one_character_stop_string_of_four_byte_pieces(sp_tok):
+    """"😀" alone is 4 byte pieces: a window of fewer than 4 shown tokens would see only U+FFFD."""
+    tok = sp_tok
+    stream = tok.encode("the cat 😀 sat", bos=False)
+    got = generate_scripted([stream], tok, stop_strings=["😀"])
+    assert got == reference_stops([stream], None, ["😀"], tok)
+    assert got[0][1:] == ("the cat ", "stop")
+
+
+# --- One device→host transfer per step --------------------------------------------------------------------
+
+HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "numpy", "cpu")
+
+
+def count_host_reads(monkeypatch, model):
+    """Counts calls of every Tensor method that reads values back to the host (on a GPU: a sync), made
+    by generate itself: the model's own forward is not counted (generate only calls it). Returns a dict
+    whose "n" is the running count."""
+    count = {"n": 0, "paused": False}
+    for name in HOST_READS:
+        def counted(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            if not count["paused"]:
+                count["n"] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    forward = model.hidden_states
+
+    def uncounted(*args, **kwargs):
+        count["paused"] = True
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            count["paused"] = False
+
+    monkeypatch.setattr(model, "hidden_states", uncounted)
+    return count
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_decode_loop_reads_the_host_once_per_step(model, monkeypatch, use_cache):
+    """A batch of 3 left-padded rows with a stop string that never appears runs all 12 steps; reading
+    each row's token separately (int(nxt[i])) would cost 36 syncs."""
+    reference = generate(model, PROMPTS, 12, tokenizer=CharTokenizer(), stop_strings=["zzzzz"],
+                         use_cache=use_cache)
+    count = count_host_reads(monkeypatch, model)
+    int(torch.ones(()))                                                    # the counter counts
+    assert count["n"] == 1
+    count["n"] = 0
+    out = generate(model, PROMPTS, 12, tokenizer=CharTokenizer(), stop_strings=["zzzzz"], use_cache=use_cache)
+    monkeypatch.undo()
+    assert [c.tokens for c in out] == [c.tokens for c in reference]
+    assert all(c.finish_reason == "length" and len(c.tokens) == 12 for c in out)
+    assert count["n"] <= 12
