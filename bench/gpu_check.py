@@ -77,7 +77,7 @@ from lora import Linear4bit, apply_lora, disable_adapters, quantize_nf4  # noqa:
 from lora.nf4 import to_bnb_quant_state  # noqa: E402
 from model.config import PRESETS, LlamaConfig  # noqa: E402
 from model.llama import Llama  # noqa: E402
-from training import make_optimizer, set_checkpointing  # noqa: E402
+from training import compile_blocks, make_optimizer, set_checkpointing  # noqa: E402
 
 QKV = ("q_proj", "k_proj", "v_proj")          # the recipe's LoRA targets
 R, ALPHA, DROPOUT = 16, 16, 0.05
@@ -348,11 +348,13 @@ def timed_steps(step, device, warmup=WARMUP, steps=STEPS):
 
 def child_sft(side, device, shapes, warmup=WARMUP, steps=STEPS):
     """side: ours (the configs' optimizer, torch's fused AdamW), ours-paged (bitsandbytes' PagedAdamW, the QLoRA
-    paper's), peer (torch's fused AdamW, as ours: the same step)."""
+    paper's), ours-compile (each block under torch.compile: the configs' compile = true; its warm-up step
+    compiles), peer (torch's fused AdamW, as ours: the same step)."""
     config, (B, T) = shapes["config"], shapes["sft"]
     batch = {k: v.to(device) for k, v in collate_sft(sft_rows(config.vocab_size, B, T), config.pad_token_id).items()}
     if side.startswith("ours"):
         model = build_ours(config, device)
+        compile_blocks(model, side == "ours-compile")                           # the configs' compile = true
         loss_fn = lambda: sft_loss_ours(model, batch, LOSS_CHUNK)                # noqa: E731
     else:
         model = with_peft(build_peer(config, device, training=True)).train()
@@ -499,7 +501,7 @@ def child_harness(side, device, shapes):
 
 
 CHILDREN = {"sft": child_sft, "dpo": child_dpo, "decode": child_decode, "harness": child_harness}
-CASES = (("sft", "ours"), ("sft", "ours-paged"), ("sft", "peer"), ("dpo", "ours"), ("dpo", "trl"), ("decode", "ours"),
+CASES = (("sft", "ours"), ("sft", "ours-paged"), ("sft", "ours-compile"), ("sft", "peer"), ("dpo", "ours"), ("dpo", "trl"), ("decode", "ours"),
          ("decode", "peer"), ("harness", "ours"))
 
 
@@ -750,6 +752,13 @@ def summary(results):
         fmt = (lambda v: f"{v / GB:.2f} GB") if "memory" in name else (lambda v: f"{v:.1f}")
         print(f"{name:45} {fmt(ours):>12} {fmt(peer):>12} {ratio:6.2f}x {op + ' ' + str(target):>8}  "
               f"{'PASS' if met else 'FAIL'}")
+    # The configs' choices, measured: compile = false/true and optimizer = "adamw"/"paged_adamw".
+    for name, side in (("SFT step tokens/s, compile = true / false", "ours-compile"),
+                       ("SFT step tokens/s, paged_adamw / adamw", "ours-paged")):
+        other, base = get("sft", side, "rate"), get("sft", "ours", "rate")
+        if other is not None and base is not None:
+            print(f"{name:45} {other:12.1f} {base:12.1f} {other / base:6.2f}x   (peak "
+                  f"{get('sft', side, 'peak_bytes') / GB:.2f} vs {get('sft', 'ours', 'peak_bytes') / GB:.2f} GB)")
 
 
 def sanity_checks(results, failures):
