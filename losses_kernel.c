@@ -5,7 +5,8 @@
  *     z_v ← round(p_v − [v = y]),   p_v = e^(z_v − m) / s          (∂ log p(y) / ∂z = onehot(y) − p, negated)
  * in place (the last step only with write_grad), in three sweeps over a row that stays in cache (32000 values: 64 KB in bf16), where the torch code
  * makes a widened fp32 copy, a softmax, a scatter and a narrowing copy, each over the whole [C, V] chunk.
- * e^x is exp_poly (c_kernels.h: within 2 fp32 ulps); log s is libm's logf, once a row. Rows are split between
+ * e^x is exp_poly (c_kernels.h: within 2 fp32 ulps); s is summed in 16 fp32 lanes (one fp64 sum without AVX-512,
+ * where one fp32 sum of 32000 terms drifts by 6e-5); log s is libm's log, once a row. Rows are split between
  * `threads` OpenMP threads (c_build.py: torch's own pool).
  */
 #include "c_kernels.h"                            /* from_bf16, to_bf16, exp_poly, the 16-lane forms */
@@ -23,15 +24,16 @@
         for (int64_t i = 0; i < rows; i++) {                                                             \
             T *zi = z + i * V;                                                                           \
             const int64_t target = y[i];                                                                 \
-            float m = -INFINITY, s = 0.0f;                                                               \
+            float m = -INFINITY;                                                                         \
+            double s = 0.0;                          /* the scalar tail (all of V without AVX-512) in fp64 */ \
             int64_t v = 0;                                                                               \
             VECTOR_MAX(S)                                                                                \
             for (; v < V; v++) m = fmaxf(m, LOAD(zi[v]));                                                \
             v = 0;                                                                                       \
             VECTOR_SUM(S)                                                                                \
             for (; v < V; v++) s += exp_poly(LOAD(zi[v]) - m);                                           \
-            const float zy = LOAD(zi[target]), inv = 1.0f / s;                                           \
-            logp[i] = (zy - m) - logf(s);                                                                \
+            const float zy = LOAD(zi[target]), inv = (float)(1.0 / s);                                   \
+            logp[i] = (zy - m) - (float)log(s);                                                          \
             if (!write_grad) continue;                                                                   \
             v = 0;                                                                                       \
             VECTOR_WRITE(S)                                                                              \
