@@ -26,16 +26,16 @@ $(TSTAMP): $(STAMP) requirements-test.txt
 	touch $@
 
 demo: $(STAMP)
-	$(RUN) demo.py
+	$(RUN) -m toy.demo
 
 # The embedded default: base → SFT stages (LaMini → Orca → Evol-Instruct → HH-RLHF) → DPO → report.
 # Each step resumes where it stopped; delete runs/ to start over.
 base: runs/base/model.safetensors
 runs/base/model.safetensors: | $(STAMP)
-	$(RUN) train_base.py
+	$(RUN) -m toy.base
 
 # Synthetic data: generate.py's three schemes, then filter.py, into runs/data/{lamini,orca,evol}.filtered.jsonl.
-# A role without GENERATOR_URL/_MODEL (JUDGE_URL/_MODEL) gets the toy stand-in (synth/toy_llm.py) on
+# A role without GENERATOR_URL/_MODEL (JUDGE_URL/_MODEL) gets the toy stand-in (toy/llm.py) on
 # 127.0.0.1. Real inputs: DATA_FLAGS="--seeds dolly.jsonl --topics topics.txt --tasks flan.jsonl".
 data: $(STAMP)
 	$(RUN) -m synth.pipeline $(DATA_FLAGS)

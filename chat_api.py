@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import requests
 from requests.adapters import HTTPAdapter
+from tqdm import tqdm
 from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
@@ -241,6 +242,39 @@ def map_unordered(fn, items, concurrency: int):
                 yield item, (None if error else future.result()), error
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def completed_jobs(work, jobs: list, concurrency: int, counts, max_failures: int, *, name: str, unit: str,
+                   endpoint: str, noun: str = "requests", failures=(ChatAPIError,), failed: str = "failed",
+                   describe=lambda job: job["id"], progress: bool = True):
+    """Yield (job, result) for each job whose work(job) succeeded, as they finish (map_unordered), under a
+    progress bar `name` on stderr: the bookkeeping that generate.py's passes, filter.py's ratings and MT-Bench's
+    judgments share. A failed job is never yielded:
+        a fatal ChatAPIError (401, 403, 404)   SystemExit "{name}: {error}": wrong key, URL or model, so every
+                                               other job would fail too
+        an error not in `failures`             raised as it is: a bug, not a bad reply
+        any other                              counts[failed] += 1 (counts: a Counter); the first 10 are printed,
+                                               "{name}: {describe(job)} failed: {error}"; at max_failures the run
+                                               stops: "{name}: N {noun} failed (--max-failures); is the {endpoint} up?"
+    A re-run of the script redoes the failed jobs."""
+    bar = tqdm(total=len(jobs), desc=name, unit=unit, dynamic_ncols=True, disable=not progress)
+    try:
+        for job, result, error in map_unordered(work, jobs, concurrency):
+            bar.update()
+            if error is None:
+                yield job, result
+                continue
+            if isinstance(error, ChatAPIError) and error.fatal:
+                raise SystemExit(f"{name}: {error}")
+            if not isinstance(error, failures):
+                raise error
+            counts[failed] += 1
+            if counts[failed] <= 10:
+                tqdm.write(f"{name}: {describe(job)} failed: {error}")
+            if counts[failed] >= max_failures:
+                raise SystemExit(f"{name}: {counts[failed]} {noun} failed (--max-failures); is the {endpoint} up?")
+    finally:
+        bar.close()
 
 
 # --- endpoints from flags and environment ------------------------------------------------------------

@@ -21,6 +21,16 @@ Every error is one line naming the file (or `command line`) and the key, e.g.
     configs/tiny.toml: unknown key 'lr_sheduler' (valid: lr, warmup_steps, ...)
     configs/tiny.toml: key 'lr' is 'abc', expected float
 and load_config raises it as SystemExit(message), so scripts stop with that line and no traceback.
+
+Who uses this, and who uses argparse. A config here is a recipe: train_sft.py, train_dpo.py, toy/base.py and
+`evaluate.py harness` have many settings, each commented with the value the paper (or lm-eval) uses,
+nested tables ([[stages]]), a file in configs/ to run again, and the resolved config saved with the outputs
+(the trainers' --resume compares it field by field). The other tools (generate.py, filter.py,
+synth/pipeline.py, `evaluate.py mt-bench | mt-bench-show | report`, toy/llm.py, toy/demo.py, download.py) stay
+with argparse: their options are the flags of one command, never saved or resumed against, and they need what
+argparse has and this module does not: positional arguments, several values for one flag (filter.py --in
+a.jsonl b.jsonl), sub-commands (toy/llm.py serve | inputs), store_true switches, and the endpoint flags that
+chat_api.add_endpoint_args adds to a parser.
 """
 import ast
 import dataclasses
@@ -35,6 +45,8 @@ import tokenize
 import tomllib
 import types
 import typing
+
+from files import write_text_atomic
 
 
 # --- types ---------------------------------------------------------------------------------------
@@ -360,9 +372,4 @@ def dump_config(cfg, path):
     """Write the resolved config atomically: TOML (loadable again with --config) or, for *.json, JSON."""
     d = config_to_dict(cfg)
     text = json.dumps(d, indent=2) if str(path).endswith(".json") else "\n".join(_toml_lines(d))
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, text + "\n")

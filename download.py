@@ -42,6 +42,8 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
+from files import fsync_dir
+
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT = (10, 60)  # seconds: connect, and between two reads of the body
 
@@ -160,12 +162,9 @@ def download_file(session, url, dest, sha256=None, size=None, progress=True, att
     if size is not None and got != size:
         part.unlink()
         raise ValueError(f"{name}: size mismatch: expected {size} bytes, got {got} ({url}); removed {part}")
+    # NAME.part outlives a failed run (the next one resumes from its size), so this is not files.atomic_write
     os.replace(part, dest)
-    dir_fd = os.open(dest.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(dest.parent)  # make the rename itself durable
     print(f"{dest}  {got} bytes  sha256 {digest}  {'verified' if expected else 'unverified'}")
     return dest
 

@@ -7,24 +7,29 @@
 
 Each subcommand lives in one module of evals/; `python evaluate.py SUBCOMMAND --help` lists its options.
 """
-import importlib
 import sys
 
-SUBCOMMANDS = {                          # name → (module, function taking argv)
-    "harness": ("evals.harness_cli", "main"),
-    "mt-bench": ("evals.mt_bench", "main"),
-    "mt-bench-show": ("evals.mt_bench", "show_main"),
-    "report": ("evals.report", "main"),
-}
+USAGE = "usage: python evaluate.py {harness,mt-bench,mt-bench-show,report} ..."
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        head = "" if not argv or argv[0] in ("-h", "--help") else f"evaluate.py: unknown subcommand {argv[0]!r}\n"
-        sys.exit(f"{head}usage: python evaluate.py {{{','.join(SUBCOMMANDS)}}} ...\n\n{__doc__.strip()}")
-    module, function = SUBCOMMANDS[argv[0]]
-    return getattr(importlib.import_module(module), function)(argv[1:])
+    command, rest = (argv[0], argv[1:]) if argv else (None, [])
+    # Each branch imports only its own module, so no subcommand loads another's dependencies (report's matplotlib).
+    if command == "harness":
+        from evals import harness_cli
+        return harness_cli.main(rest)
+    if command == "mt-bench":
+        from evals import mt_bench
+        return mt_bench.main(rest)
+    if command == "mt-bench-show":
+        from evals import mt_bench
+        return mt_bench.show_main(rest)
+    if command == "report":
+        from evals import report
+        return report.main(rest)
+    head = "" if command in (None, "-h", "--help") else f"evaluate.py: unknown subcommand {command!r}\n"
+    sys.exit(f"{head}{USAGE}\n\n{__doc__.strip()}")
 
 
 if __name__ == "__main__":

@@ -32,10 +32,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from tqdm import tqdm
-
-from chat_api import ChatAPIError, add_endpoint_args, client_from_args, map_unordered
-from synth.records import RECORD_FIELDS, AppendLog, check_fields, read_jsonl, write_jsonl_atomic
+from chat_api import add_endpoint_args, client_from_args, completed_jobs
+from files import check_fields, read_jsonl, write_jsonl_atomic
+from synth.records import RECORD_FIELDS, AppendLog
 
 PROMPTS = Path(__file__).with_name("synth") / "prompts"
 JUDGE_PROMPT = (PROMPTS / "judge.txt").read_text(encoding="utf-8")
@@ -181,24 +180,12 @@ def main(argv=None) -> int:
             return {"judge_rating": None, "judge_status": "unparsable", "judge_reason": reply[:500],
                     "judge_model": client.model}
 
-        failed = 0
         try:
             with AppendLog(args.out) as log:
                 todo = [r for r in records if r["id"] not in log.ids]
                 print(f"filter: {len(records) - len(todo)} already judged in {args.out}, {len(todo)} to judge")
-                for record, judgement, error in tqdm(map_unordered(judge, todo, args.concurrency), total=len(todo),
-                                                     desc="judge", unit="rec", dynamic_ncols=True):
-                    if error is not None:
-                        if not isinstance(error, ChatAPIError):
-                            raise error
-                        if error.fatal:
-                            raise SystemExit(f"judge: {error}")
-                        failed += 1
-                        if failed <= 10:
-                            tqdm.write(f"judge: {record['id']} failed: {error}")
-                        if failed >= args.max_failures:
-                            raise SystemExit(f"judge: {failed} requests failed (--max-failures); is the judge up?")
-                        continue
+                for record, judgement in completed_jobs(judge, todo, args.concurrency, Counter(), args.max_failures,
+                                                        name="judge", unit="rec", endpoint="judge"):
                     log.write({**record, **judgement})
                 judged = {r["id"]: r for r in log.records}
         finally:

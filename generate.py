@@ -27,11 +27,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from tqdm import tqdm
-
-from chat_api import ChatAPIError, add_endpoint_args, client_from_args, map_unordered
+from chat_api import ChatAPIError, add_endpoint_args, client_from_args, completed_jobs
+from files import read_jsonl, write_jsonl_atomic
 from synth import evol_instruct, lamini, orca
-from synth.records import AppendLog, read_jsonl, read_lines, write_jsonl_atomic
+from synth.records import AppendLog, read_lines
 
 
 def parse_args(argv):
@@ -85,20 +84,9 @@ def run_pass(name, jobs, work, out: AppendLog, args, rejected: AppendLog | None 
     done = out.ids | (rejected.ids if rejected else set())
     todo = [job for job in jobs if job["id"] not in done]
     counts = Counter(already_done=len(jobs) - len(todo))
-    bar = tqdm(total=len(todo), desc=name, unit="job", dynamic_ncols=True)
-    for job, record, error in map_unordered(work, todo, args.concurrency):
-        bar.update()
-        if error is not None:
-            if isinstance(error, ChatAPIError) and error.fatal:
-                raise SystemExit(f"{name}: {error}")  # wrong key, URL or model: every other job would fail too
-            if not isinstance(error, (ChatAPIError, ValueError)):  # a bug, not a bad reply: stop loudly
-                raise error
-            counts["failed"] += 1
-            if counts["failed"] <= 10:
-                tqdm.write(f"{name}: {job['id']} failed: {error}")
-            if counts["failed"] >= args.max_failures:
-                raise SystemExit(f"{name}: {counts['failed']} jobs failed (--max-failures); is the generator up?")
-            continue
+    # a ValueError is a reply we cannot use (lamini.parse_numbered_list): that job failed, the others go on
+    for job, record in completed_jobs(work, todo, args.concurrency, counts, args.max_failures, name=name, unit="job",
+                                      endpoint="generator", noun="jobs", failures=(ChatAPIError, ValueError)):
         if record.get("eliminated"):
             rejected.write(record)
             counts[f"eliminated:{record['eliminated']}"] += 1
@@ -106,7 +94,6 @@ def run_pass(name, jobs, work, out: AppendLog, args, rejected: AppendLog | None 
             record.pop("eliminated", None)
             out.write(record)
             counts["written"] += 1
-    bar.close()
     print(f"{name}: " + " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     return counts
 

@@ -58,10 +58,10 @@ backward only (about 3/4 of the in-loop reference's work). The cached values equ
 float rounding (the batches are padded differently); a resumed run reuses the file when its fingerprint
 matches.
 
-The embedded default (configs/dpo-tiny.toml): toy_records > 0 with a missing data file writes it from
-data/toy.py first (toy_eval_records likewise for the held-out file, from the toy world's held-out split);
-eval_toy > 0 scores the start (SFT) and the merged DPO model on held-out toy tasks (greedy exact match,
-training.record_eval) into <out_dir>/eval_toy.json and stdout.
+The embedded default (configs/dpo-tiny.toml; its stand-ins are toy/'s): toy_records > 0 with a missing data
+file writes it from the toy world first (toy_eval_records likewise for the held-out file, from the toy world's
+held-out split; toy.write_pair_data); eval_toy > 0 scores the start (SFT) and the merged DPO model on held-out
+toy tasks (greedy exact match, toy.record_eval and toy.report_dpo) into <out_dir>/eval_toy.json and stdout.
 
 Shapes: B pairs in a micro-batch, T tokens, D hidden, N pairs in the data.
 """
@@ -77,8 +77,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import toy
 from config import dump_config, load_config
-from data import toy
 from data.batching import LengthGroupedSampler, collate_dpo, tokenize_pairs
 from data.dpo import collate_dpo_packed
 from data.hh import hh_files, hh_pairs
@@ -88,10 +88,10 @@ from model import Tokenizer, check_vocab
 from model.loading import load_pretrained
 from model.packed import hidden_states_packed, tree_mask
 from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, broadcast_params,
-                      check_same_config, cleanup, compile_blocks, is_main, load_checkpoint, lr_at,
-                      make_optimizer, micro_batches, nf4_notice, peak_memory_gb, record_eval,
-                      restore_trainable, rng_state, save_adapter_and_merged, save_checkpoint, seed_everything,
-                      set_checkpointing, setup_distributed, write_jsonl)
+                      check_same_config, cleanup, compile_blocks, is_main, load_resume_state, lr_at,
+                      make_optimizer, micro_batches, nf4_notice, peak_memory_gb, restore_trainable, rng_state,
+                      save_adapter_and_merged, save_resume_state, seed_everything, set_checkpointing,
+                      setup_distributed)
 
 REF_LOGPS = "ref_logps.pt"
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -281,7 +281,7 @@ def cached_reference(model, start, rows, eval_rows, cfg, pad_id, rank, world_siz
     """(train [N, 2], eval [M, 2]) reference log-probs: from <out_dir>/ref_logps.pt if its fingerprint
     matches, else computed (reference_logps) and saved there atomically by the main rank."""
     key = fingerprint(start, cfg, rows, eval_rows)
-    saved = load_checkpoint(cfg.out_dir, name=REF_LOGPS)
+    saved = load_resume_state(cfg.out_dir, name=REF_LOGPS)
     if saved is not None and saved["fingerprint"] == key:
         if is_main():
             print(f"reference log-probs: read {cfg.out_dir}/{REF_LOGPS}")
@@ -291,8 +291,8 @@ def cached_reference(model, start, rows, eval_rows, cfg, pad_id, rank, world_siz
     train = reference_logps(model, rows, cfg, pad_id, rank, world_size, device, "train")
     held_out = reference_logps(model, eval_rows, cfg, pad_id, rank, world_size, device, "eval")
     if is_main():
-        save_checkpoint(cfg.out_dir, {"fingerprint": key, "train": train.cpu(), "eval": held_out.cpu()},
-                        name=REF_LOGPS)
+        save_resume_state(cfg.out_dir, {"fingerprint": key, "train": train.cpu(), "eval": held_out.cpu()},
+                          name=REF_LOGPS)
     return train, held_out
 
 
@@ -317,27 +317,6 @@ def evaluate(model, rows, ref_cache, cfg, pad_id, rank, world_size, device):
         sums += pair_sums(losses, chosen_rewards, rejected_rewards, *policy)
     model.train()
     return {f"eval/{name}": v.item() / len(rows) for name, v in zip(METRICS, reduce_sums(sums))}
-
-
-# --- the embedded default's toy exact match ---------------------------------------------------------------
-
-def toy_results(cfg):
-    """<out_dir>/eval_toy.json as a dict ({} if there is none yet)."""
-    path = os.path.join(cfg.out_dir, "eval_toy.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def report_toy(cfg, merged, tok, device):
-    """Score the SFT start and the merged DPO model on the toy tasks (each once) and print both figures."""
-    for key, folder in (("sft", cfg.base), ("dpo", merged)):
-        if key not in toy_results(cfg):
-            record_eval(cfg, key, folder, tok, device)
-    results = toy_results(cfg)
-    print(f"eval_toy: exact_match sft {results['sft']['exact_match']:.3f} → dpo {results['dpo']['exact_match']:.3f} "
-          f"on {cfg.eval_toy} held-out toy tasks")
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -378,17 +357,13 @@ def main(argv=None):
         if is_main():
             print(f"finished earlier: {merged}")
             if cfg.eval_toy:
-                report_toy(cfg, merged, tok, device)
+                toy.report_dpo(cfg, merged, tok, device)
         cleanup()
         return
 
     # --- data: toy files first (embedded default), then the pairs, tokenised prompt once + each response
-    if is_main():
-        for path, n, split in ((cfg.data[0], cfg.toy_records, "train"),
-                               (cfg.eval_data[0], cfg.toy_eval_records, "heldout")):
-            if n and not os.path.exists(path):
-                write_jsonl(path, toy.hh_pairs(n, cfg.seed, split))
-                print(f"wrote {n} toy {split} preference pairs to {path}")
+    if (cfg.toy_records or cfg.toy_eval_records) and is_main():
+        toy.write_pair_data(cfg)                        # the embedded default: the toy files, if missing
     if dist.is_initialized():
         dist.barrier()                                  # the toy files exist before any rank reads them
     pairs, stats = read_pairs(cfg.data, "train", cfg.first_n)
@@ -404,8 +379,8 @@ def main(argv=None):
     total = len(sampler) * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     warmup = math.ceil(cfg.warmup_ratio * total)
-    if cfg.eval_toy and is_main() and "sft" not in toy_results(cfg):
-        record_eval(cfg, "sft", start, tok, device)        # the starting point, before the model is loaded
+    if cfg.eval_toy and is_main() and "sft" not in toy.recorded(cfg):
+        toy.record_eval(cfg, "sft", start, tok, device)    # the starting point, before the model is loaded
 
     # --- model: frozen (NF4) base + a fresh LoRA; the reference is the same model with adapters disabled
     model = load_pretrained(start, dtype=cfg.dtype, device=device, quantize=None if cfg.quantize == "none" else "nf4")
@@ -421,7 +396,7 @@ def main(argv=None):
     optimizer = make_optimizer(list(params.values()), cfg.lr, cfg.weight_decay, cfg.betas, device, cfg.optimizer)
 
     start_step = 0
-    ckpt = load_checkpoint(cfg.out_dir) if cfg.resume else None    # on the CPU (RNG states must be)
+    ckpt = load_resume_state(cfg.out_dir) if cfg.resume else None    # on the CPU (RNG states must be)
     if ckpt is not None:
         start_step = restore_trainable(ckpt, params, optimizer, f"{cfg.out_dir}/checkpoint.pt")
         if is_main():
@@ -440,8 +415,8 @@ def main(argv=None):
     def save(step):
         rng = rng_state()                               # a collective under DDP: every rank calls it
         if is_main():
-            save_checkpoint(cfg.out_dir, {"adapter": {n: p.detach() for n, p in params.items()},
-                                          "optimizer": optimizer.state_dict(), "step": step, "rng": rng})
+            save_resume_state(cfg.out_dir, {"adapter": {n: p.detach() for n, p in params.items()},
+                                            "optimizer": optimizer.state_dict(), "step": step, "rng": rng})
 
     # --- loop
     progress, tokens = Progress(total, start_step), 0
@@ -504,7 +479,7 @@ def main(argv=None):
         n = save_adapter_and_merged(model, start, cfg.out_dir, tok.path, dtype=cfg.merged_dtype)
         print(f"saved {cfg.out_dir}/adapter (PEFT) and {merged} ({n} weights merged)")
         if cfg.eval_toy:
-            report_toy(cfg, merged, tok, device)
+            toy.report_dpo(cfg, merged, tok, device)
     logger.close()
     cleanup()
 

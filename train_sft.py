@@ -27,17 +27,18 @@ needs every rank to run the same number of backward passes). The adapters hold a
 per step costs little.
 
 Checkpoints and resume. Every cfg.save_every steps, and after the current step on SIGINT/SIGTERM,
-<out_dir>/<stage>/checkpoint.pt is replaced atomically (training.save_checkpoint): adapter weights,
+<out_dir>/<stage>/checkpoint.pt is replaced atomically (training.save_resume_state): adapter weights,
 optimizer state, step, every rank's RNG streams. The data position is the step itself: the batch order is
 a pure function of (seed, epoch, lengths). `--resume` skips the finished stages (a stage is finished when
 <stage>/merged exists: it is renamed into place complete), loads the unfinished one's checkpoint and
 continues to exactly the result of an uninterrupted run (on CPU: bit for bit). Each stage seeds the RNG from
 (seed, stage index) before creating its adapters, so it does not depend on what ran before it in this process.
 
-The embedded default (configs/tiny.toml): a stage with toy_records > 0 whose data file is missing writes it
-from data/toy.py first (JSONL in generate.py's schema; HH-RLHF's .jsonl.gz format for hh_rlhf), then reads it
-like any other data. With eval_toy > 0 the base and each stage's merged model answer that many held-out toy
-tasks (greedy); the exact-match figures go to stdout and <out_dir>/eval_toy.json.
+The embedded default (configs/tiny.toml; its stand-ins are toy/'s): a stage with toy_records > 0 whose data
+file is missing writes it from the toy world first (toy.write_stage_data: JSONL in generate.py's schema;
+HH-RLHF's .jsonl.gz format for hh_rlhf), then reads it like any other data. With eval_toy > 0 the base and
+each stage's merged model answer that many held-out toy tasks (greedy; toy.record_eval); the exact-match
+figures go to stdout and <out_dir>/eval_toy.json.
 
 Shapes: B micro-batch, T tokens, D hidden, V vocab.
 """
@@ -50,8 +51,8 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
+import toy
 from config import dump_config, load_config
-from data import toy
 from data.batching import LengthGroupedSampler, collate_sft
 from data.hh import hh_files, hh_sft_examples
 from data.sft import sft_examples, tokenize_examples
@@ -60,10 +61,10 @@ from lora import apply_lora
 from model import Tokenizer, check_vocab
 from model.loading import load_pretrained
 from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, broadcast_params,
-                      check_same_config, cleanup, compile_blocks, is_main, load_checkpoint, lr_at,
-                      make_optimizer, micro_batches, nf4_notice, peak_memory_gb, record_eval,
-                      restore_trainable, rng_state, save_adapter_and_merged, save_checkpoint, seed_everything,
-                      set_checkpointing, setup_distributed, write_jsonl)
+                      check_same_config, cleanup, compile_blocks, is_main, load_resume_state, lr_at,
+                      make_optimizer, micro_batches, nf4_notice, peak_memory_gb, restore_trainable, rng_state,
+                      save_adapter_and_merged, save_resume_state, seed_everything, set_checkpointing,
+                      setup_distributed)
 
 SCHEMES = ("lamini", "orca", "evol_instruct", "hh_rlhf")
 
@@ -81,7 +82,7 @@ class Stage:
     max_steps: Optional[int] = None       # stop the stage after this many optimizer steps (none: all epochs)
     lr: Optional[float] = None            # this stage's peak learning rate; none = the global lr
     toy_records: int = 0                  # embedded default: if data[0] is missing, write this many
-                                          # records of this scheme from data/toy.py there first
+                                          # records of this scheme from the toy world there first (toy/)
     # storage dtype of merged/; none = that of the checkpoint the stage started from (released models:
     # OpenBezoar-SFT fp32, OpenBezoar-HH-RLHF-SFT fp16)
     merged_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
@@ -167,19 +168,6 @@ RUN_CONTROL = ("resume", "device", "log_every", "save_every", "eval_toy", "eval_
 
 # --- data ----------------------------------------------------------------------------------------
 
-def write_toy_data(stage, seed):
-    """Write stage.toy_records toy records of stage.scheme to stage.data[0] (atomically)."""
-    path = stage.data[0]
-    n = stage.toy_records
-    if stage.scheme == "hh_rlhf":
-        lines = toy.hh_pairs(n, seed)                   # {"chosen", "rejected"} transcripts, HH-RLHF's rows
-    else:
-        make = {"lamini": toy.lamini_records, "orca": toy.orca_records, "evol_instruct": toy.evol_records}
-        lines = make[stage.scheme](n, seed)             # generate.py's schema (data/sft.py "generated")
-    write_jsonl(path, lines)
-    print(f"[{stage.name}] wrote {n} toy {stage.scheme} records to {path}")
-
-
 def stage_examples(stage):
     """(examples, stats) of a stage: data/hh.py for hh_rlhf (a folder means its four train subsets),
     data/sft.py for the three instruction schemes."""
@@ -202,8 +190,8 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
     tag = f"[{stage.name}]"
 
     # --- data
-    if stage.toy_records and is_main() and not os.path.exists(stage.data[0]):
-        write_toy_data(stage, cfg.seed)
+    if stage.toy_records and is_main():
+        toy.write_stage_data(stage, cfg.seed)           # the embedded default: the toy file, if missing
     if dist.is_initialized():
         dist.barrier()                                  # the toy file exists before any rank reads it
     examples, stats = stage_examples(stage)
@@ -232,7 +220,7 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
     optimizer = make_optimizer(list(params.values()), peak_lr, cfg.weight_decay, cfg.betas, device, cfg.optimizer)
 
     start_step = 0
-    ckpt = load_checkpoint(stage_dir) if cfg.resume else None   # on the CPU (RNG states must be)
+    ckpt = load_resume_state(stage_dir) if cfg.resume else None   # on the CPU (RNG states must be)
     if ckpt is not None:
         start_step = restore_trainable(ckpt, params, optimizer, f"{stage_dir}/checkpoint.pt")
         if is_main():
@@ -247,8 +235,8 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
     def checkpoint(step):
         rng = rng_state()                               # a collective under DDP: every rank calls it
         if is_main():
-            save_checkpoint(stage_dir, {"adapter": {n: p.detach() for n, p in params.items()},
-                                        "optimizer": optimizer.state_dict(), "step": step, "rng": rng})
+            save_resume_state(stage_dir, {"adapter": {n: p.detach() for n, p in params.items()},
+                                          "optimizer": optimizer.state_dict(), "step": step, "rng": rng})
 
     # --- loop
     progress, tokens = Progress(total, start_step), 0
@@ -342,7 +330,7 @@ def main(argv=None):
 
     start = cfg.base
     if cfg.eval_toy and is_main() and not os.path.isdir(os.path.join(cfg.out_dir, cfg.stages[0].name, "merged")):
-        record_eval(cfg, "base", start, tok, device)
+        toy.record_eval(cfg, "base", start, tok, device)
     with GracefulExit(device) as stop:
         for i, stage in enumerate(cfg.stages):
             merged = os.path.join(cfg.out_dir, stage.name, "merged")
@@ -352,7 +340,7 @@ def main(argv=None):
             elif not train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logger):
                 break
             elif cfg.eval_toy and is_main():
-                record_eval(cfg, stage.name, merged, tok, device)
+                toy.record_eval(cfg, stage.name, merged, tok, device)
             start = merged
             if stop.should_stop():
                 if is_main():

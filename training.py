@@ -1,13 +1,13 @@
-"""What train_sft.py and train_dpo.py share: the learning-rate schedule, seeding, the optimiser, atomic
-checkpoints with resume, a clean stop on SIGINT/SIGTERM, metrics lines, DDP set-up and the split of a global
-batch into micro-batches, the end of a stage (PEFT adapter + merged checkpoint), and the embedded default's
-toy data files and exact-match evaluation.
+"""What train_sft.py and train_dpo.py share: the learning-rate schedule, seeding, the optimiser, the resume
+state saved atomically, a clean stop on SIGINT/SIGTERM, metrics lines, DDP set-up and the split of a global
+batch into micro-batches, the end of a stage (PEFT adapter + merged checkpoint). The embedded default's toy
+data files and exact-match scores are toy/'s.
 
 The loops themselves stay in the scripts. A resumable loop uses these pieces like this:
 
     rank, world_size, local_rank, device = setup_distributed(cfg.device)
     ...build the model and optimizer (they draw from the RNG)...
-    ckpt = load_checkpoint(out_dir)                    # None on a fresh start
+    ckpt = load_resume_state(out_dir)                  # None on a fresh start
     if ckpt:
         model.load_state_dict(ckpt["adapter"], strict=False); optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"]); start = ckpt["step"]
@@ -20,18 +20,17 @@ The loops themselves stay in the scripts. A resumable loop uses these pieces lik
             if stopping or (step + 1) % save_every == 0:
                 rng = rng_state()                      # on every rank: under DDP it gathers all ranks' streams
                 if is_main():
-                    save_checkpoint(out_dir, {"adapter": ..., "optimizer": ..., "step": step + 1, "rng": rng})
+                    save_resume_state(out_dir, {"adapter": ..., "optimizer": ..., "step": step + 1, "rng": rng})
             if stopping:
                 break
 
-Checkpoint policy: one file, <dir>/checkpoint.pt, replaced atomically at each save (temp file in the same
-directory, fsync, os.replace, fsync of the directory), so at any instant it holds the last completed save
-and a crash mid-write leaves the previous one. Older checkpoints are not kept: the file exists to resume,
-and the scripts write the finished adapters elsewhere. It holds only trainable state (adapter weights,
-optimiser state, step, data position, RNG streams), never the frozen base model.
+Checkpoint policy: one file, <dir>/checkpoint.pt, replaced atomically at each save (files.atomic_write: temp
+file in the same directory, fsync, os.replace, fsync of the directory), so at any instant it holds the last
+completed save and a crash mid-write leaves the previous one. Older checkpoints are not kept: the file exists
+to resume, and the scripts write the finished adapters elsewhere. It holds only trainable state (adapter
+weights, optimiser state, step, data position, RNG streams), never the frozen base model.
 """
 import datetime
-import gzip
 import json
 import math
 import os
@@ -47,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from config import config_to_dict, load_config
+from files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -194,34 +194,18 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory, state, name=CHECKPOINT):
+def save_resume_state(directory, state, name=CHECKPOINT):
     """Write state (a dict of tensors, numbers, strings, lists, dicts) to <directory>/<name> (checkpoint.pt)
-    atomically: write a temp file beside it, fsync, os.replace, fsync the directory. Call on rank 0 only.
-    If anything fails mid-write the temp file is removed and the previous checkpoint is untouched."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, name)
-    tmp = path + ".tmp"                                # one writer (rank 0): a fixed name, never left to grow
-    try:
+    with files.atomic_write: if anything fails mid-write the previous file is untouched. Call on rank 0 only."""
+    def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:                              # includes KeyboardInterrupt / SystemExit
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fd = os.open(directory, os.O_RDONLY)               # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
+    return atomic_write(os.path.join(directory, name), write)
 
 
-def load_checkpoint(directory, map_location="cpu", name=CHECKPOINT):
-    """The state last saved in <directory>, or None if there is none. Reads <name> (checkpoint.pt) only (a
-    leftover .tmp from a killed save is ignored) with weights_only=True: no code runs from the file.
+def load_resume_state(directory, map_location="cpu", name=CHECKPOINT):
+    """What save_resume_state last saved in <directory>, or None if there is none. Reads <name> (checkpoint.pt)
+    only (a leftover .tmp from a killed save is ignored) with weights_only=True: no code runs from the file.
     Tensors land on map_location; optimizer.load_state_dict moves its state to the parameters' device."""
     path = os.path.join(directory, name)
     if not os.path.exists(path):
@@ -503,58 +487,10 @@ def save_adapter_and_merged(model, start, directory, tokenizer_path, dtype=None)
     Returns the number of merged weights. Call on the main rank."""
     from lora import merge_into_checkpoint, save_adapter                  # here: training.py stays light
     save_adapter(model, os.path.join(directory, "adapter"), base_model_name_or_path=start)
+    # A folder, not a file: published by one rename once complete (files.atomic_write replaces single files).
     merging = os.path.join(directory, "merged.partial")
     n = merge_into_checkpoint(model, start, merging, dtype=dtype)
     shutil.copyfile(tokenizer_path, os.path.join(merging, "tokenizer.model"))
     os.replace(merging, os.path.join(directory, "merged"))
     return n
 
-
-# --- the embedded default: toy data files and toy exact match ----------------------------------------
-
-def write_jsonl(path, records):
-    """Write records (dicts) as JSON lines to path (gzip if it ends in .gz) atomically: a temp file beside
-    it, fsync, rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with (gzip.open if path.endswith(".gz") else open)(tmp, "wt", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
-def toy_exact_match(model, tok, n_tasks, seed, max_new_tokens, batch=64):
-    """Fraction of n_tasks held-out toy tasks (toy.heldout_tasks) answered exactly, greedy decoding of the
-    templated prompt until EOS."""
-    from data import toy
-    from model.sampling import generate
-
-    def answer(prompts):
-        out = []
-        for i in range(0, len(prompts), batch):
-            ids = [tok.encode(p) for p in prompts[i:i + batch]]
-            out += [c.text for c in generate(model, ids, max_new_tokens, eos_id=tok.eos_id, tokenizer=tok)]
-        return out
-    return toy.exact_match(answer, toy.heldout_tasks(n_tasks, seed))
-
-
-def record_eval(cfg, key, checkpoint, tok, device):
-    """Score a checkpoint on cfg.eval_toy held-out toy tasks (greedy, cfg.eval_max_new_tokens, cfg.seed's
-    tasks, cfg.dtype), print it and add it under `key` to <cfg.out_dir>/eval_toy.json. Main rank."""
-    from model.loading import load_pretrained
-    model = load_pretrained(checkpoint, dtype=cfg.dtype, device=device)
-    em = toy_exact_match(model, tok, cfg.eval_toy, cfg.seed, cfg.eval_max_new_tokens)
-    path = os.path.join(cfg.out_dir, "eval_toy.json")
-    results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
-    results[key] = {"exact_match": em, "tasks": cfg.eval_toy, "checkpoint": checkpoint}
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(f"eval_toy {key}: exact_match={em:.3f} on {cfg.eval_toy} held-out toy tasks ({checkpoint})", flush=True)
-    return em

@@ -55,7 +55,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from data.sft import DataStats, Example, field, iter_jsonl
+from data.sft import DataStats, Example, field, read_records
 from data.template import format_prompt
 
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
@@ -156,7 +156,7 @@ def hh_sft_examples(paths, first_n=None, skip_bad=False):
     """SFT examples from the chosen side of HH-RLHF transcripts, multi-turn history kept.
     paths: one file or a list (see hh_files for the subset order). Returns (list[Example], DataStats)."""
     stats, examples = DataStats("hh-rlhf sft"), []
-    for where, record in iter_jsonl(paths, stats, skip_bad, first_n):
+    for where, record in read_records(paths, stats, skip_bad, first_n):
         sides = _read_sides(where, record, stats, skip_bad)
         if sides is None:
             continue
@@ -177,7 +177,7 @@ def hh_pairs(paths, first_n=None, skip_bad=False):
     """DPO pairs (prompt, chosen, rejected) from HH-RLHF records. Returns (list[Pair], DataStats).
     Skipped and counted: "prompt mismatch", "empty response", "identical responses", "malformed"."""
     stats, pairs = DataStats("hh-rlhf pairs"), []
-    for where, record in iter_jsonl(paths, stats, skip_bad, first_n):
+    for where, record in read_records(paths, stats, skip_bad, first_n):
         sides = _read_sides(where, record, stats, skip_bad)
         if sides is None:
             continue

@@ -46,12 +46,11 @@ Too long (len > max_len), in this order:
      counted as "truncated prompt". The end of the prompt ("### Response:\\n") and the response survive.
 """
 
-import gzip
-import json
 import os
 from dataclasses import dataclass
 
 from data.template import format_prompt
+from files import iter_jsonl
 from losses import IGNORE_INDEX
 
 
@@ -96,47 +95,27 @@ class DataStats:
 
 # --- reading JSONL ---
 
-def iter_jsonl(paths, stats, skip_bad=False, first_n=None):
+def read_records(paths, stats, skip_bad=False, first_n=None):
     """Yield (where, record) for every non-blank line of each file in turn; where = "path:line".
 
-    paths: one path or a list, read in the given order (.gz through gzip). first_n: stop after that many
-    records (non-blank lines, counted across files before any filtering). Each is counted as "read"; a line
-    that is not a JSON object raises ValueError naming path:line, or with skip_bad is counted as "bad line"."""
+    paths: one path or a list, read in the given order (files.iter_jsonl: .gz through gzip, errors naming
+    path:line). first_n: stop after that many records (non-blank lines, counted across files before any
+    filtering). Each is counted as "read"; a line that is not a JSON object raises ValueError naming
+    path:line, or with skip_bad is counted as "bad line"."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     for path in paths:
-        opener = gzip.open if str(path).endswith(".gz") else open
-        try:
-            f = opener(path, "rt", encoding="utf-8")
-        except FileNotFoundError:
-            kind = "gzip-compressed JSONL" if opener is gzip.open else "JSONL"
-            raise ValueError(f"{path}: file not found (expected {kind})") from None
-        with f:
-            number = 0
-            while True:
-                try:
-                    line = f.readline()
-                except (OSError, EOFError, UnicodeDecodeError) as err:  # bad gzip, cut-off file, not UTF-8
-                    raise ValueError(f"{path}:{number + 1}: cannot read ({err})") from None
-                if not line:
-                    break
-                number += 1
-                if not line.strip():
-                    continue
-                if first_n is not None and stats["read"] >= first_n:
-                    return
-                stats.add("read")
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                    if not isinstance(record, dict):
-                        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                except ValueError as err:
-                    if not skip_bad:
-                        raise ValueError(f"{where}: not a JSON object line ({err})") from None
-                    stats.add("bad line", where=where)
-                    continue
+        if first_n is not None and stats["read"] >= first_n:
+            return
+        for number, record in iter_jsonl(path, skip_bad):
+            stats.add("read")
+            where = f"{path}:{number}"
+            if record is None:                          # a bad line, skipped (skip_bad)
+                stats.add("bad line", where=where)
+            else:
                 yield where, record
+            if first_n is not None and stats["read"] >= first_n:
+                return                                  # lines past first_n are never read, nor checked
 
 
 def field(record, name, where, optional=False):
@@ -186,7 +165,7 @@ def sft_examples(paths, format="auto", skip_bad=False, first_n=None):
     stats, examples = DataStats(", ".join(os.path.basename(str(p)) for p in paths)), []
     for path in paths:
         path_format = None if format == "auto" else format
-        for where, record in iter_jsonl(path, stats, skip_bad, first_n):
+        for where, record in read_records(path, stats, skip_bad, first_n):
             try:
                 path_format = path_format or detect_format(record, where)
                 instruction_col, input_col, response_col, system_col = FORMATS[path_format]

@@ -10,7 +10,6 @@ lm-evaluation-harness's layout (results → task → "acc,none", "acc_stderr,non
 config); with --log-samples every item's requests and scores go to <output>.samples.jsonl.
 """
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from config import config_to_dict, load_config
 from evals.harness import evaluate, format_table
 from evals.tasks import PRESETS, default_data_dir
+from files import write_jsonl_atomic, write_text_atomic
 from model.loading import load_pretrained
 from model.tokenizer import Tokenizer, check_vocab
 from training import resolve_device
@@ -61,18 +61,6 @@ class HarnessConfig:
             raise ValueError(f"batch_size is {self.batch_size}, expected a positive integer")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"limit is {self.limit}, expected a positive number")
-
-
-def _write_json(path, obj):
-    """Write JSON atomically: a temp file beside it, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -123,17 +111,11 @@ def main(argv=None):
         print(f"{cfg.preset} average over {len(out['leaderboard']['scores'])} tasks (* above): "
               f"{out['leaderboard']['average']:.4f}" + (f"; missing: {', '.join(skipped)}" if skipped else ""))
     path = Path(cfg.output or Path("runs") / "harness" / f"{Path(cfg.model).resolve().name}.json")
-    _write_json(path, out)
+    write_text_atomic(path, json.dumps(out, indent=2, ensure_ascii=False, default=str) + "\n")
     print(f"wrote {path}")
     if samples is not None:
         spath = path.with_name(path.stem + ".samples.jsonl")
-        tmp = spath.with_name(spath.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for task, rows in samples.items():
-                f.writelines(json.dumps({"task": task, **row}, ensure_ascii=False) + "\n" for row in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, spath)
+        write_jsonl_atomic(spath, ({"task": task, **row} for task, rows in samples.items() for row in rows))
         print(f"wrote {spath}")
 
 

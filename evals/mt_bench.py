@@ -54,8 +54,9 @@ from chat_api import add_endpoint_args, client_from_args
 from data.hh import dialogue_prompt
 from data.template import format_prompt
 from evals.mt_bench_judge import format_summary, judge_answers, read_judge_prompts, summarize
+from files import read_jsonl
 from model.sampling import generate
-from synth.records import AppendLog, read_jsonl
+from synth.records import AppendLog
 from training import resolve_device
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench"

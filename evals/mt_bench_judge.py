@@ -32,10 +32,9 @@ import re
 import time
 from collections import Counter
 
-from tqdm import tqdm
-
-from chat_api import ChatAPIError, map_unordered
-from synth.records import AppendLog, read_jsonl
+from chat_api import completed_jobs
+from files import read_jsonl
+from synth.records import AppendLog
 
 NEED_REF_CATS = ("math", "reasoning", "coding")           # FastChat's categories graded against a reference
 JUDGE_PROMPT_NAMES = {(False, 1): "single-v1", (True, 1): "single-math-v1",
@@ -138,25 +137,16 @@ def judge_answers(client, questions: list, answers: dict, judge_prompts: dict, r
                     "user_prompt": prompt, "judgment": judgment, "score": parse_rating(judgment), "turn": turn,
                     "tstamp": time.time()}
 
-        bar = tqdm(total=len(jobs), desc="judge", unit="judgment", dynamic_ncols=True, disable=not progress)
-        for (q, model, turn, _, _), record, error in map_unordered(judge, jobs, concurrency):
-            bar.update(1)
-            if error is not None:
-                if not isinstance(error, ChatAPIError):
-                    raise error
-                if error.fatal:
-                    raise SystemExit(f"judge: {error}")
-                counts["request failed"] += 1
-                if counts["request failed"] <= 10:
-                    tqdm.write(f"judge: question {q['question_id']} turn {turn} of {model} failed: {error}")
-                if counts["request failed"] >= max_failures:
-                    raise SystemExit(f"judge: {counts['request failed']} requests failed (--max-failures); "
-                                     f"is the judge up?")
-                continue
+        def describe(job):
+            q, model, turn, _, _ = job
+            return f"question {q['question_id']} turn {turn} of {model}"
+
+        for _, record in completed_jobs(judge, jobs, concurrency, counts, max_failures, name="judge", unit="judgment",
+                                        endpoint="judge", failed="request failed", describe=describe,
+                                        progress=progress):
             log.write(record)
             counts["judged"] += 1
             counts["unparsable"] += record["score"] == -1
-        bar.close()
     return counts
 
 

@@ -5,7 +5,7 @@
 The checkpoints, in recipe order: the base the SFT run started from (its config.toml's `base`), each SFT
 stage's merged model (<sft-run>/<stage>/merged, LaMini → Orca → Evol-Instruct → HH-RLHF), and the DPO model
 (<dpo-run>/merged). Each one is scored on
-    toy exact match   greedy answers to held-out toy tasks, checked by data/toy.py (train_sft.py's measure)
+    toy exact match   greedy answers to held-out toy tasks, checked by toy/world.py (train_sft.py's measure)
     harness tasks     log-likelihood tasks through evals/harness.py; default toy_mc, the held-out toy tasks as
                       multiple choice (the gold answer against plausible wrong ones), scored as lm-eval does
     MT-Bench          when a judge endpoint is set (JUDGE_URL or JUDGE_MODEL, …; see chat_api.py): our
@@ -28,10 +28,12 @@ import torch  # noqa: E402
 from config import load_config  # noqa: E402
 from evals import harness, mt_bench  # noqa: E402
 from evals.mt_bench_judge import summarize  # noqa: E402
+from files import atomic_write, read_jsonl, write_text_atomic  # noqa: E402
 from model import Tokenizer  # noqa: E402
 from model.loading import load_pretrained  # noqa: E402
+from toy.eval import heldout_exact_match  # noqa: E402
 from train_sft import SFTConfig  # noqa: E402
-from training import resolve_device, toy_exact_match  # noqa: E402
+from training import resolve_device  # noqa: E402
 
 
 def parse_args(argv):
@@ -69,19 +71,11 @@ def checkpoints(sft_run, dpo_run):
     return found, cfg
 
 
-def replace_synced(tmp, path):
-    """Flush `tmp` to disk, then rename it over `path`: a reader sees the old file or the new one, whole."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_metrics(path):
-    """The JSON lines of a metrics.jsonl file ([] when it is missing)."""
+    """The records of a metrics.jsonl file ([] when it is missing)."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [record for _, record in read_jsonl(path)[0]]
 
 
 def plot(out_png, curves, table, names):
@@ -114,9 +108,8 @@ def plot(out_png, curves, table, names):
     ax.set(title="scores per checkpoint", ylim=(0, 1.05))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png + ".tmp.png", dpi=100)
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    replace_synced(out_png + ".tmp.png", out_png)
 
 
 def markdown(table, names):
@@ -142,7 +135,7 @@ def main(argv=None):
         model = load_pretrained(folder, dtype=args.dtype, device=device)
         row, detail = {}, {"checkpoint": folder}
         if args.toy_tasks:
-            row["toy exact_match"] = toy_exact_match(model, tok, args.toy_tasks, args.seed, 64)
+            row["toy exact_match"] = heldout_exact_match(model, tok, args.toy_tasks, args.seed, 64)
         if tasks:
             results = harness.evaluate(model, tok, tasks, limit=args.limit)
             detail["harness"] = results
@@ -172,10 +165,7 @@ def main(argv=None):
               read_metrics(os.path.join(args.dpo_run, "metrics.jsonl")))
     png = os.path.join(args.out, "report.png")
     plot(png, curves, table, names)
-    for path, text in ((os.path.join(args.out, "results.json"), json.dumps({"table": table, "details": details},
-                                                                           indent=2)),
-                       (os.path.join(args.out, "results.md"), md + "\n")):
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        replace_synced(path + ".tmp", path)
+    write_text_atomic(os.path.join(args.out, "results.json"), json.dumps({"table": table, "details": details},
+                                                                         indent=2))
+    write_text_atomic(os.path.join(args.out, "results.md"), md + "\n")
     print(f"wrote {args.out}/results.json, results.md, report.png")

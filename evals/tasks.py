@@ -39,7 +39,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import toy
+from files import read_jsonl
+from toy import world
 
 REPO = Path(__file__).resolve().parent.parent
 FEWSHOT_SEED = 1234        # lm-eval's default fewshot_random_seed
@@ -95,18 +96,10 @@ def _need(path):
     return path
 
 
-def read_jsonl(path):
-    """[(line number, record)] of a JSONL file; a bad line is an error naming file and line."""
-    out = []
-    with open(_need(path), encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return out
+def _jsonl(path):
+    """[(line number, record)] of a benchmark's JSONL file (files.read_jsonl: a bad line is an error naming
+    file and line), or the error that says where the copies are looked for."""
+    return read_jsonl(_need(path))[0]
 
 
 def _get(record, key, where, kind=None):
@@ -132,8 +125,8 @@ def _arc_doc(record, where, template="Question: {}\nAnswer:"):
 
 def arc(data_dir, subset):
     folder = Path(data_dir) / "arc" / subset
-    docs = [_arc_doc(r, f"{folder / f'{subset}-Test.jsonl'}:{n}") for n, r in read_jsonl(folder / f"{subset}-Test.jsonl")]
-    dev = [_arc_doc(r, f"{folder / f'{subset}-Dev.jsonl'}:{n}") for n, r in read_jsonl(folder / f"{subset}-Dev.jsonl")]
+    docs = [_arc_doc(r, f"{folder / f'{subset}-Test.jsonl'}:{n}") for n, r in _jsonl(folder / f"{subset}-Test.jsonl")]
+    dev = [_arc_doc(r, f"{folder / f'{subset}-Dev.jsonl'}:{n}") for n, r in _jsonl(folder / f"{subset}-Dev.jsonl")]
     return Task(f"arc_{subset.split('-')[1].lower()}", "multiple_choice", docs, dev, f"{subset}-Dev.jsonl",
                 str(folder / f"{subset}-Test.jsonl"))
 
@@ -149,7 +142,7 @@ def hellaswag(data_dir):
     original = folder / "hellaswag_val.jsonl"
     docs = []
     if original.is_file():          # the original release: the harness's formulation exactly
-        for n, r in read_jsonl(original):
+        for n, r in _jsonl(original):
             where = f"{original}:{n}"
             ctx = _get(r, "ctx_a", where, str) + " " + _get(r, "ctx_b", where, str).capitalize()
             docs.append(Doc(_hellaswag_clean(_get(r, "activity_label", where, str) + ": " + ctx),
@@ -249,7 +242,7 @@ def truthfulqa(data_dir, variant):
 def boolq(data_dir):
     path = Path(data_dir) / "boolq" / "val.jsonl"
     docs = []
-    for n, r in read_jsonl(path):
+    for n, r in _jsonl(path):
         where = f"{path}:{n}"
         label = str(_get(r, "label", where)).lower()
         if label not in ("true", "false"):
@@ -262,7 +255,7 @@ def boolq(data_dir):
 
 def piqa(data_dir):
     folder = Path(data_dir) / "piqa"
-    rows = read_jsonl(folder / "dev.jsonl")
+    rows = _jsonl(folder / "dev.jsonl")
     with open(_need(folder / "dev-labels.lst"), encoding="utf-8") as f:
         labels = [line.strip() for line in f if line.strip()]
     if len(labels) != len(rows):
@@ -292,7 +285,7 @@ def _openbookqa_tsv(path):
 
 def openbookqa(data_dir):
     folder = Path(data_dir) / "openbookqa"
-    docs = [_arc_doc(r, f"{folder / 'openbookqa.jsonl'}:{n}", "{}") for n, r in read_jsonl(folder / "openbookqa.jsonl")]
+    docs = [_arc_doc(r, f"{folder / 'openbookqa.jsonl'}:{n}", "{}") for n, r in _jsonl(folder / "openbookqa.jsonl")]
     return Task("openbookqa", "multiple_choice", docs, _openbookqa_tsv(folder / "Main" / "dev.tsv"), "Main/dev.tsv",
                 str(folder / "openbookqa.jsonl"))
 
@@ -321,7 +314,7 @@ def gsm8k_score(doc, response):
 
 def _gsm8k_docs(path):
     out = []
-    for n, r in read_jsonl(path):
+    for n, r in _jsonl(path):
         where = f"{path}:{n}"
         out.append(Doc(f"Question: {_get(r, 'question', where, str)}\nAnswer:", [], answer=_get(r, "answer", where, str)))
     return out
@@ -336,7 +329,7 @@ def gsm8k(data_dir):
 
 def _winogrande_docs(path):
     docs = []
-    for n, r in read_jsonl(path):
+    for n, r in _jsonl(path):
         where = f"{path}:{n}"
         sentence = _get(r, "sentence", where, str)
         if sentence.count("_") != 1 or str(_get(r, "answer", where)) not in ("1", "2"):
@@ -364,38 +357,38 @@ TOY_N, TOY_SEED = 200, 0
 def _toy_mc_doc(t, rng):
     wrongs = []
     for _ in range(20):                       # up to 3 distinct plausible wrong answers
-        w = toy.make_wrong(t, rng)
-        if w not in wrongs and toy.normalise(w) != toy.normalise(t.answer):
+        w = world.make_wrong(t, rng)
+        if w not in wrongs and world.normalise(w) != world.normalise(t.answer):
             wrongs.append(w)
         if len(wrongs) == 3:
             break
-    choices = [f"{toy.restatement(t, a)}\nAnswer: {a}" for a in [t.answer] + wrongs]   # the SFT data's response
+    choices = [f"{world.restatement(t, a)}\nAnswer: {a}" for a in [t.answer] + wrongs]   # the SFT data's response
     order = list(range(len(choices)))
     rng.shuffle(order)
-    return Doc(toy.task_prompt(t), [choices[i] for i in order], order.index(0), answer=t.answer, item=t)
+    return Doc(world.task_prompt(t), [choices[i] for i in order], order.index(0), answer=t.answer, item=t)
 
 
 def toy_mc(n=TOY_N, seed=TOY_SEED):
     """Held-out toy tasks: the templated prompt; the choices are the default response (the restated fact,
-    then "Answer: X", data/toy.py) around the gold answer and around make_wrong answers. The response
+    then "Answer: X", toy/world.py) around the gold answer and around make_wrong answers. The response
     follows the prompt's "### Response:\n" directly (target delimiter ""), as the SFT data has it."""
     rng = random.Random(f"toy_mc-{seed}")
-    docs = [_toy_mc_doc(t, rng) for t in toy.heldout_tasks(n, seed)]
+    docs = [_toy_mc_doc(t, rng) for t in world.heldout_tasks(n, seed)]
     train = random.Random(f"toy_mc-train-{seed}")
-    pool = [_toy_mc_doc(toy.sample_task(train, "train"), train) for _ in range(64)]
-    return Task("toy_mc", "multiple_choice", docs, pool, "toy train split", f"data/toy.py heldout_tasks({n}, {seed})",
+    pool = [_toy_mc_doc(world.sample_task(train, "train"), train) for _ in range(64)]
+    return Task("toy_mc", "multiple_choice", docs, pool, "toy train split", f"toy/world.py heldout_tasks({n}, {seed})",
                 target_delimiter="")
 
 
 def toy_gen(n=TOY_N, seed=TOY_SEED):
-    """Held-out toy tasks answered greedily; exact match by data/toy.py's check."""
-    docs = [Doc(toy.task_prompt(t), [], answer=t.answer, item=t) for t in toy.heldout_tasks(n, seed)]
+    """Held-out toy tasks answered greedily; exact match by toy/world.py's check."""
+    docs = [Doc(world.task_prompt(t), [], answer=t.answer, item=t) for t in world.heldout_tasks(n, seed)]
     train = random.Random(f"toy_gen-train-{seed}")
-    pool = [toy.sample_task(train, "train") for _ in range(64)]
-    pool = [Doc(toy.task_prompt(t), [], answer=t.answer, item=t) for t in pool]
-    return Task("toy_gen", "generate_until", docs, pool, "toy train split", f"data/toy.py heldout_tasks({n}, {seed})",
+    pool = [world.sample_task(train, "train") for _ in range(64)]
+    pool = [Doc(world.task_prompt(t), [], answer=t.answer, item=t) for t in pool]
+    return Task("toy_gen", "generate_until", docs, pool, "toy train split", f"toy/world.py heldout_tasks({n}, {seed})",
                 metrics=("exact_match",), target_delimiter="", until=("\n### ", "\n\nHuman:"), max_gen_toks=64,
-                score_generation=lambda doc, response: {"exact_match,none": float(toy.check(doc.item, response))})
+                score_generation=lambda doc, response: {"exact_match,none": float(world.check(doc.item, response))})
 
 
 # --- names ---------------------------------------------------------------------------------------------

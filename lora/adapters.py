@@ -17,7 +17,6 @@ held-out tokens and returned, never silent).
 import json
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from files import atomic_write, write_text_atomic
 from lora.layers import Linear4bit, LoRALinear, check_lora_settings
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -198,19 +198,6 @@ def merge_into_checkpoint(adapter, base_checkpoint: str, out_dir: str, dtype=Non
 
 # --- PEFT files ---------------------------------------------------------------------------------------
 
-def _atomic_write(path, write):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
 def save_adapter(model: nn.Module, path: str, base_model_name_or_path=None):
     """Write the model's adapters as a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
     modules = lora_modules(model)
@@ -232,9 +219,9 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path=None):
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
     os.makedirs(path, exist_ok=True)
-    _atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda p: open(p, "w").write(text))
+    write_text_atomic(os.path.join(path, ADAPTER_CONFIG), text)
 
 
 # Settings that change the computation and are not implemented: refused rather than ignored.

@@ -9,7 +9,7 @@ multiply; in backward silu's gradient and two multiplies). Each is one sweep in 
 (model/llama.py's CausalAttentionFunction) needs the softmax and ∂s between its products: one sweep too.
 
 model/llama.py's torch code is the reference and the path wherever the kernels are not used: not on the CPU,
-a dtype other than fp32 / bf16, a trained RMSNorm weight (∂w: only train_base.py), BEZOAR_C_KERNELS=0, or
+a dtype other than fp32 / bf16, a trained RMSNorm weight (∂w: only toy/base.py), BEZOAR_C_KERNELS=0, or
 no compiler (c_build.py builds and caches the library).
 """
 import ctypes

@@ -70,7 +70,7 @@ class RMSNormFunction(torch.autograd.Function):
             g = (grad_y * weight).float()                           # [..., D]
             gx = torch.linalg.vecdot(g, xf).unsqueeze(-1)           # [..., 1] Σ_d g x
             grad_x = g.addcmul_(xf, r.square().mul_(gx).div_(-x.shape[-1])).mul_(r).to(x.dtype)
-        if ctx.needs_input_grad[1]:                                 # a trained norm (train_base.py)
+        if ctx.needs_input_grad[1]:                                 # a trained norm (toy/base.py)
             grad_w = (grad_y * (xf * r).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_w, None
 

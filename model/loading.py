@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
+from files import fsync_dir, write_text_atomic
 from model.config import LlamaConfig, config_to_dict, load_config
 from model.llama import Llama
 
@@ -286,14 +287,6 @@ def _parse_size(size) -> int:
     return int(float(m.group(1)) * units[m.group(2)])
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(tensors, config: LlamaConfig, path: str, max_shard_size="5GB", dtype=None):
     """Write a Hugging Face folder from (name, tensor) pairs (a dict or any iterable, in any order) that
     arrive one at a time: the tensors of a Llama of `config`, each checked for name and shape.
@@ -376,11 +369,11 @@ def save_checkpoint(tensors, config: LlamaConfig, path: str, max_shard_size="5GB
         if n > 1:
             index = {"metadata": {"total_size": total},
                      "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
-            _write_text(os.path.join(tmp, SAFE_INDEX), json.dumps(index, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(os.path.join(tmp, SAFE_INDEX), json.dumps(index, indent=2, sort_keys=True) + "\n")
             files.append(SAFE_INDEX)
         saved = replace(config, torch_dtype=str(dtype).removeprefix("torch."))
         config_json = json.dumps(config_to_dict(saved), indent=2, sort_keys=True) + "\n"
-        _write_text(os.path.join(tmp, "config.json"), config_json)
+        write_text_atomic(os.path.join(tmp, "config.json"), config_json)
         files.append("config.json")
         _publish(tmp, path, files)
     except BaseException:
@@ -390,19 +383,13 @@ def save_checkpoint(tensors, config: LlamaConfig, path: str, max_shard_size="5GB
         raise
 
 
-def _write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _publish(tmp, path, files):
     """Move the finished files of `tmp` to `path`: one rename for a new folder; file by file, config.json
-    last, into an existing one, after removing the safetensors weights a previous save left."""
+    last, into an existing one, after removing the safetensors weights a previous save left. This publishes
+    a folder of several files, so it is not files.atomic_write (one file); a new folder appears whole."""
     if not os.path.exists(path):
         os.rename(tmp, path)
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
         return
     for old in os.listdir(path):
         stale = old in (SAFE_WEIGHTS, SAFE_INDEX) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old)
@@ -411,7 +398,7 @@ def _publish(tmp, path, files):
     for file in files:                                    # config.json is last in `files`
         os.replace(os.path.join(tmp, file), os.path.join(path, file))
     os.rmdir(tmp)
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
 def save_pretrained(model: Llama, path: str, max_shard_size="5GB", dtype=None):

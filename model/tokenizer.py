@@ -22,10 +22,11 @@ OpenLLaMA 3B v2 ships `tokenizer.model`, a SentencePiece BPE model read by the *
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
+
+from files import atomic_write
 
 
 class Tokenizer:
@@ -121,15 +122,5 @@ def train_tokenizer(texts, out_prefix, vocab_size, character_coverage=1.0, max_s
         max_sentence_length=max_sentence_length, hard_vocab_limit=True, minloglevel=2,
     )
     out = Path(f"{out_prefix}.model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(model.getvalue()))
     return out

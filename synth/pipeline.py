@@ -2,7 +2,7 @@
 
     python -m synth.pipeline [--out runs/data] [--seeds dolly.jsonl --topics topics.txt --tasks flan.jsonl]
 
-    1. inputs     without --seeds/--topics/--tasks: the toy world's (synth/toy_llm.py) in OUT/toy/
+    1. inputs     without --seeds/--topics/--tasks: the toy world's (toy/llm.py) in OUT/toy/
     2. endpoints  GENERATOR_URL / GENERATOR_MODEL / GENERATOR_API / GENERATOR_API_KEY and the same JUDGE_*
                   (chat_api.py reads them); a role with neither URL nor MODEL set gets the toy stand-in, a
                   real HTTP server on 127.0.0.1 started here and stopped at the end
@@ -38,9 +38,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from files import read_jsonl, write_jsonl_atomic, write_text_atomic
 from synth import orca
-from synth.records import read_jsonl, write_jsonl_atomic
-from synth.toy_llm import answer_key, write_inputs
+from toy.llm import answer_key, write_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = ("lamini", "evol", "orca")
@@ -75,8 +75,8 @@ def configured(role: str) -> bool:
 
 @contextmanager
 def toy_server(role: str, argv: list[str]):
-    """Start `python -m synth.toy_llm serve ROLE …` and yield its URL; closing its stdin stops it."""
-    child = subprocess.Popen([sys.executable, "-m", "synth.toy_llm", "serve", role, *argv], cwd=ROOT,
+    """Start `python -m toy.llm serve ROLE …` and yield its URL; closing its stdin stops it."""
+    child = subprocess.Popen([sys.executable, "-m", "toy.llm", "serve", role, *argv], cwd=ROOT,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline()
@@ -111,7 +111,7 @@ def check_sources(out: Path, sources: dict):
                              f"choose another --out or delete {out}")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(sources, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(sources, indent=2) + "\n")
 
 
 def step(name: str, argv: list[str], env: dict):
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     toy = {role: not configured(role) for role in ("GENERATOR", "JUDGE")}
     toy_inputs = args.seeds is None
     wrong_log = out / "toy_teacher.wrong.jsonl"
-    stand_in = "synth/toy_llm.py"
+    stand_in = "toy/llm.py"
     check_sources(out, {
         "generator": f"toy-teacher ({stand_in}, wrong_fraction {args.wrong_fraction}, seed {args.seed})"
         if toy["GENERATOR"] else describe("GENERATOR", env),

@@ -1,5 +1,5 @@
-"""JSONL in and out for the data scripts: inputs read with errors that name file:line, outputs appended
-record by record so that a killed run loses nothing and a re-run resumes.
+"""The data scripts' record files: the fields every generated record has, and outputs appended record by
+record so that a killed run loses nothing and a re-run resumes (reading and whole-file writes: files.py).
 
 The append log (AppendLog):
   - every record is one line, written with one write(), then flushed and fsynced before the next;
@@ -14,46 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from files import read_jsonl
 
 # The fields every generated record has (SCHEMA.md); train_sft.py and filter.py read these.
 RECORD_FIELDS = {"id": str, "scheme": str, "instruction": str, "input": str, "response": str, "system": str}
-
-
-def check_fields(record, fields: dict, where: str):
-    """Raise ValueError naming `where` (file:line) unless record is an object with each field of the given type."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    for name, kind in fields.items():
-        if name not in record:
-            raise ValueError(f"{where}: missing field {name!r} (expected {kind.__name__})")
-        if not isinstance(record[name], kind):
-            raise ValueError(f"{where}: field {name!r} should be {kind.__name__}, got {type(record[name]).__name__}")
-
-
-def read_jsonl(path, fields: dict | None = None, skip_bad: bool = False) -> tuple[list[tuple[int, dict]], int]:
-    """[(line number, record)] for each non-blank line, and the number of bad lines skipped.
-
-    A line that is not JSON or lacks a field is a ValueError naming path:line, or, with skip_bad, counted."""
-    rows, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    record = json.loads(line)
-                except ValueError as err:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
-                check_fields(record, fields or {}, f"{path}:{number}")
-            except ValueError:
-                if not skip_bad:
-                    raise
-                bad += 1
-                continue
-            rows.append((number, record))
-    return rows, bad
 
 
 def read_lines(path) -> list[str]:
@@ -119,20 +85,3 @@ def _cut_torn_tail(path: Path) -> int:
         os.fsync(f.fileno())
     return 1
 
-
-def write_jsonl_atomic(path, records):
-    """Write the whole file at once: temp file in the same folder, fsync, rename over the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private (0600); the file it replaces was an ordinary one
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from dataclasses import replace
 
-from data import toy
 from model import PRESETS, Llama, Tokenizer, save_pretrained, train_tokenizer
+from toy import world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One thread per process: the micro model gains nothing from more, and two spinning OpenMP threads on a
@@ -19,7 +19,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def micro_model(folder, texts=None, vocab_size=384, max_position_embeddings=256, seed=0):
     """Write tokenizer.model (trained on `texts`, default 300 toy pretraining lines) and a random Llama
     (hidden 64, 2 layers, 2 heads) with its vocabulary to `folder`; returns (folder, model)."""
-    texts = toy.pretraining_text(300, 0) if texts is None else texts
+    texts = world.pretraining_text(300, 0) if texts is None else texts
     train_tokenizer(texts, folder / "tokenizer", vocab_size=vocab_size)
     tok = Tokenizer(folder / "tokenizer.model")
     config = replace(PRESETS["tiny"], vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,

@@ -204,21 +204,21 @@ def test_nf4_quantize_while_loading_and_merge_into_checkpoint(micro, tmp_path):
 
 
 def test_checkpoint_save_and_resume(micro, tmp_path):
-    """save_checkpoint after one step, then restore_trainable into a fresh model: the next step equals the
+    """save_resume_state after one step, then restore_trainable into a fresh model: the next step equals the
     one a run that never stopped takes."""
     folder, tok = micro
     with trap():
         model = qlora(folder)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         _, _, _, optimizer = sft_step(model, tok)
-        training.save_checkpoint(str(tmp_path), {"adapter": {n: p.detach() for n, p in params.items()},
+        training.save_resume_state(str(tmp_path), {"adapter": {n: p.detach() for n, p in params.items()},
                                                  "optimizer": optimizer.state_dict(), "step": 1,
                                                  "rng": training.rng_state()})
         _, _, straight, _ = sft_step(model, tok, optimizer)
         resumed_model = qlora(folder, seed=5)
         resumed = {n: p for n, p in resumed_model.named_parameters() if p.requires_grad}
         opt = training.make_optimizer(list(resumed.values()), 1e-2, 0.0, (0.9, 0.999), "cpu")
-        step = training.restore_trainable(training.load_checkpoint(str(tmp_path)), resumed, opt, "ckpt")
+        step = training.restore_trainable(training.load_resume_state(str(tmp_path)), resumed, opt, "ckpt")
         _, _, again, _ = sft_step(resumed_model, tok, opt)
     assert step == 1
     for n in straight:

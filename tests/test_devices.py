@@ -35,15 +35,15 @@ def test_a_cuda_index_past_the_machines_devices_is_one_line(monkeypatch):
 
 
 @pytest.mark.parametrize("script, args", [
-    ("train_sft.py", ["--config", "configs/tiny.toml"]),
-    ("train_dpo.py", ["--config", "configs/dpo-tiny.toml"]),
-    ("train_base.py", []),
+    (["train_sft.py"], ["--config", "configs/tiny.toml"]),
+    (["train_dpo.py"], ["--config", "configs/dpo-tiny.toml"]),
+    (["-m", "toy.base"], []),
 ])
 def test_the_scripts_refuse_a_missing_cuda_before_loading_anything(script, args, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, script, *args, "--device", "cuda", "--out_dir", str(out)], cwd=REPO,
+    done = subprocess.run([sys.executable, *script, *args, "--device", "cuda", "--out_dir", str(out)], cwd=REPO,
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]                 # one line, no traceback

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import toy
 from data.batching import tokenize_pair, tokenize_pairs
 from data.dpo import collate_dpo_packed
 from data.hh import hh_example, hh_files, hh_pairs
@@ -18,6 +17,7 @@ from losses import sequence_logps
 from model import PRESETS, Llama
 from model.packed import tree_mask
 from model.tokenizer import Tokenizer, train_tokenizer
+from toy import world
 from train_dpo import collate, pair_logps
 
 HH_ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh-rlhf"
@@ -153,15 +153,15 @@ def test_real_pairs_fit_max_len_keep_min_prompt_len_and_share_their_prompt_token
 # --- the toy preference pairs ------------------------------------------------------------------------
 
 def test_toy_pairs_read_back_as_hh_records_with_the_sft_prompt_and_the_gold_answer_chosen(tmp_path):
-    from training import write_jsonl
+    from files import write_jsonl_atomic
     path = tmp_path / "pairs.jsonl.gz"
-    records = toy.hh_pairs(50, seed=3, split="heldout")
-    write_jsonl(str(path), records)
+    records = world.hh_pairs(50, seed=3, split="heldout")
+    write_jsonl_atomic(path, records)
     pairs, stats = hh_pairs(str(path))
     assert (stats["read"], stats["used"], len(pairs)) == (50, 50, 50)
     for record, pair in zip(records, pairs):
         assert (pair.prompt, pair.chosen) == hh_example(record["chosen"])          # the HH SFT stage's mapping
         instruction = pair.prompt.split("### Instruction:\n")[1].split("\n\n### Response:")[0]
-        task = toy.parse_instruction(instruction.split("\n")[-1])         # the last turn (after any history)
-        assert task is not None and toy.check(task, pair.chosen) and not toy.check(task, pair.rejected)
-        assert toy.split_of(task.family, task.operands) == "heldout"
+        task = world.parse_instruction(instruction.split("\n")[-1])         # the last turn (after any history)
+        assert task is not None and world.check(task, pair.chosen) and not world.check(task, pair.rejected)
+        assert world.split_of(task.family, task.operands) == "heldout"

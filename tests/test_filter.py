@@ -7,7 +7,7 @@ import re
 import pytest
 
 import filter as filter_script  # the module, not the builtin
-from synth.records import read_jsonl
+from files import read_jsonl
 from tests.http_fixtures import FakeChatServer
 
 RETRY_OPENING = filter_script.RETRY_PROMPT.splitlines()[0]

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 import generate
+from files import read_jsonl
 from synth import evol_instruct, lamini, orca
-from synth.records import AppendLog, read_jsonl
+from synth.records import AppendLog
 from tests.http_fixtures import FakeChatServer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -164,7 +164,7 @@ def test_a_broken_line_names_file_and_line_unless_skip_bad_counts_it(tmp_path):
     good = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: No."}
     path = write_gz(tmp_path / "helpful-base" / "test.jsonl.gz", [good, '{"chosen": "cut', {"chosen": "x"}, good])
     for reader in (hh_sft_examples, hh_pairs):
-        with pytest.raises(ValueError, match=re.escape(f"{path}:2: not a JSON object line")):
+        with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON")):
             reader(path)
         items, stats = reader(path, skip_bad=True)
         assert len(items) == 2 and stats["bad line"] == 2 and stats.where["bad line"] == [f"{path}:2", f"{path}:3"]

@@ -1,6 +1,6 @@
 """evals/report.py (`python evaluate.py report`, `make eval`) on micro checkpoints laid out as train_sft.py
 and train_dpo.py leave them: one row per checkpoint in recipe order (base, each SFT stage, DPO); toy exact
-match equal to greedy answers decoded one prompt at a time and checked by data/toy.py (and to hand-counted
+match equal to greedy answers decoded one prompt at a time and checked by toy/world.py (and to hand-counted
 golden values: three checkpoints are built to give one fixed answer); toy_mc equal to evals/harness.py on the
 same model; results.md's numbers equal results.json's; every output written through a synced temp file and a
 rename; a missing checkpoint counted and named, a folder without config.json named, before anything is
@@ -17,17 +17,17 @@ import torch
 
 import evaluate
 from config import dump_config
-from data import toy
 from evals import harness
 from micro_model import ENV, REPO, micro_model
 from model import Tokenizer, load_pretrained, save_pretrained
 from model.sampling import generate
+from toy import world
 from train_sft import SFTConfig, Stage
 
 TOY_TASKS, SEED, LIMIT = 32, 0, 32
 # The fixed answer each checkpoint gives (the base is the random micro model). Of the 32 held-out tasks
 # (seed 0) one has the answer 19 and two the answer 7; "The answer is 7." has no "Answer:" mark, so
-# toy.extract_answer takes the whole line and no task counts it right.
+# world.extract_answer takes the whole line and no task counts it right.
 ANSWERS = {"lamini": "19", "hh_rlhf": "7", "dpo": "The answer is 7."}
 GOLDEN = {"lamini": 1 / 32, "hh_rlhf": 2 / 32, "dpo": 0.0}
 NAMES = ["base", "lamini", "hh_rlhf", "dpo"]
@@ -40,7 +40,7 @@ def answering(model, tok, text):
     block writes to the residual stream, so the logits depend on the last token only (a bigram model):
     token c_i embeds as the unit vector e_i, the final RMSNorm makes it √D·e_i, and lm_head row c_{i+1}
     reads dimension i. The chain starts at the prompt's last token ("\\n" after "### Response:")."""
-    prompt_end = tok.encode(toy.task_prompt(toy.heldout_tasks(1, SEED)[0]))[-1]
+    prompt_end = tok.encode(world.task_prompt(world.heldout_tasks(1, SEED)[0]))[-1]
     chain = [prompt_end] + tok.encode(text, bos=False) + [tok.eos_id]
     assert len(set(chain)) == len(chain), f"{text!r}: a token repeats, the bigram chain would loop"
     with torch.no_grad():
@@ -147,20 +147,20 @@ def test_results_md_numbers_equal_results_json(report):
 
 
 def test_toy_exact_match_equals_greedy_answers_checked_one_prompt_at_a_time(report, layout):
-    """Independent of training.toy_exact_match's batching: each prompt decoded alone, data/toy.py's check."""
+    """Independent of toy.eval.heldout_exact_match's batching: each prompt decoded alone, toy/world.py's check."""
     _, results, _, _ = report
     folders = layout[3]
-    tasks = toy.heldout_tasks(TOY_TASKS, SEED)
+    tasks = world.heldout_tasks(TOY_TASKS, SEED)
     for name in NAMES:
         model, tok = load_pretrained(str(folders[name])), Tokenizer(folders[name] / "tokenizer.model")
-        responses = [generate(model, [tok.encode(toy.task_prompt(t))], 64, eos_id=tok.eos_id, tokenizer=tok)[0].text
+        responses = [generate(model, [tok.encode(world.task_prompt(t))], 64, eos_id=tok.eos_id, tokenizer=tok)[0].text
                      for t in tasks]
-        expected = sum(toy.check(t, r) for t, r in zip(tasks, responses)) / len(tasks)
+        expected = sum(world.check(t, r) for t, r in zip(tasks, responses)) / len(tasks)
         assert results["table"][name]["toy exact_match"] == expected, name
         if name in ANSWERS:                                            # the built-in answer, found by hand
-            assert {toy.extract_answer(r) for r in responses} == {toy.extract_answer(ANSWERS[name])}
+            assert {world.extract_answer(r) for r in responses} == {world.extract_answer(ANSWERS[name])}
             assert expected == GOLDEN[name]
-            assert sum(toy.normalise(t.answer) == toy.extract_answer(ANSWERS[name]) for t in tasks) == GOLDEN[name] * 32
+            assert sum(world.normalise(t.answer) == world.extract_answer(ANSWERS[name]) for t in tasks) == GOLDEN[name] * 32
 
 
 def test_toy_mc_equals_the_harness_on_the_same_model(report, layout):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from data import toy
+from toy import world
 from model import sampling
 from model.config import PRESETS
 from model.llama import Llama
@@ -173,7 +173,7 @@ def generate_scripted(streams, tokenizer, **kw):
 def sp_tok(tmp_path_factory):
     """A byte-fallback SentencePiece model of the project's kind: accented letters seen in training get
     pieces; ñ, ß, CJK and emoji do not, and are encoded as their UTF-8 bytes."""
-    texts = toy.pretraining_text(300, 0) + ["café crème naïve über"] * 5
+    texts = world.pretraining_text(300, 0) + ["café crème naïve über"] * 5
     tok = Tokenizer(train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "sp", vocab_size=384))
     assert any(tok.sp.is_byte(i) for i in tok.encode("東京 😀", bos=False))
     assert not any(tok.sp.is_byte(i) for i in tok.encode("café", bos=False))

@@ -88,7 +88,7 @@ def test_released_surgeglobal_columns_are_detected_and_mapped(tmp_path):
 def test_a_malformed_line_names_file_and_line_unless_skip_bad_counts_it(tmp_path):
     path = write_jsonl(tmp_path / "gen.jsonl", [GENERATED[0], "{not json", GENERATED[1] | {"response": 5}, "[1, 2]",
                                                 GENERATED[2]])
-    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not a JSON object line")):
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON")):
         sft_examples(path)
     other = write_jsonl(tmp_path / "g2.jsonl", [GENERATED[0], GENERATED[0], GENERATED[1] | {"response": 5}])
     with pytest.raises(ValueError, match=re.escape(f"{other}:3: field 'response' is int, expected a string")):

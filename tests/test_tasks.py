@@ -6,8 +6,8 @@ import json
 import pytest
 from lm_eval.api.samplers import ContextSampler
 
-from data import toy
 from evals import tasks as T
+from toy import world
 
 DATA = T.default_data_dir()
 
@@ -169,12 +169,12 @@ def test_mmlu_with_a_wrong_header_and_unknown_names_are_errors(tmp_path):
 def test_toy_tasks_put_the_gold_answer_among_distinct_wrong_ones():
     mc, gen = T.toy_mc(50, 0), T.toy_gen(50, 0)
     for d in mc.docs:
-        assert d.choices[d.gold] == toy.reference_response(d.item) and len(set(d.choices)) == len(d.choices) >= 2
-        assert all(toy.extract_answer(c) != d.item.answer for i, c in enumerate(d.choices) if i != d.gold)
-        assert toy.split_of(d.item.family, d.item.operands) == "heldout"
-        assert d.query == toy.task_prompt(d.item) and d.query.endswith("### Response:\n")
-    assert [d.item for d in mc.docs] == [d.item for d in gen.docs] == toy.heldout_tasks(50, 0)
+        assert d.choices[d.gold] == world.reference_response(d.item) and len(set(d.choices)) == len(d.choices) >= 2
+        assert all(world.extract_answer(c) != d.item.answer for i, c in enumerate(d.choices) if i != d.gold)
+        assert world.split_of(d.item.family, d.item.operands) == "heldout"
+        assert d.query == world.task_prompt(d.item) and d.query.endswith("### Response:\n")
+    assert [d.item for d in mc.docs] == [d.item for d in gen.docs] == world.heldout_tasks(50, 0)
     assert len({d.gold for d in mc.docs}) > 1                                  # the gold's position varies
     d = gen.docs[0]
-    assert gen.score_generation(d, toy.reference_response(d.item, "step_by_step")) == {"exact_match,none": 1.0}
-    assert gen.score_generation(d, toy.make_wrong(d.item, __import__("random").Random(0))) == {"exact_match,none": 0.0}
+    assert gen.score_generation(d, world.reference_response(d.item, "step_by_step")) == {"exact_match,none": 1.0}
+    assert gen.score_generation(d, world.make_wrong(d.item, __import__("random").Random(0))) == {"exact_match,none": 0.0}

@@ -1,4 +1,4 @@
-"""The toy teacher and judge (synth/toy_llm.py) as real HTTP servers on 127.0.0.1, answering the prompts
+"""The toy teacher and judge (toy/llm.py) as real HTTP servers on 127.0.0.1, answering the prompts
 generate.py and filter.py send, and `make data`'s driver (synth/pipeline.py) end to end on a small n."""
 
 import json
@@ -11,9 +11,9 @@ import pytest
 import filter as filter_script  # the module, not the builtin
 import generate
 from chat_api import ChatClient
-from data import toy
-from synth import evol_instruct, lamini, orca, pipeline, toy_llm
-from synth.records import read_jsonl
+from files import read_jsonl
+from synth import evol_instruct, lamini, orca, pipeline
+from toy import llm as toy_llm, world
 
 
 def ask(server, text, system=""):
@@ -26,7 +26,7 @@ def ask(server, text, system=""):
 
 def train_tasks(n, seed, **kw):
     rng = random.Random(seed)
-    return [toy.sample_task(rng, "train", **kw) for _ in range(n)]
+    return [world.sample_task(rng, "train", **kw) for _ in range(n)]
 
 
 def task_text(t):
@@ -58,12 +58,12 @@ def test_teacher_writes_lamini_instructions_of_the_families_shown_all_from_the_t
                     {"source": "topic_guided", "examples": [t.instruction for t in seeds],
                      "topics": [toy_llm.TOPICS["sort_digits"], toy_llm.TOPICS["reverse"]]}):
             items = lamini.parse_numbered_list(ask(server, lamini.instruction_prompt(job, 12)), 100)
-            tasks = [toy.parse_instruction(item) for item in items]
+            tasks = [world.parse_instruction(item) for item in items]
             families = {t.family for t in seeds} if not job["topics"] else {"sort_digits", "reverse"}
             assert len(items) == 12 and all(t is not None and t.family in families and not t.input for t in tasks)
-            assert all(toy.split_of(t.family, t.operands) == "train" for t in tasks)
+            assert all(world.split_of(t.family, t.operands) == "train" for t in tasks)
             for item, t in zip(items, tasks):  # each answers exactly as a fresh request
-                assert toy.check(t, ask(server, item))
+                assert world.check(t, ask(server, item))
 
 
 @pytest.mark.parametrize("operation", [*evol_instruct.IN_DEPTH, None])
@@ -72,16 +72,16 @@ def test_teacher_evolves_with_the_operation_the_prompt_names_and_passes_the_elim
     for parent in train_tasks(30, f"evol-{operation}", input_form=False):
         text = task_text(parent)
         evolved = teacher("", [{"role": "user", "content": evol_instruct.evolve_prompt(text, operation)}])
-        child = toy.parse_instruction(evolved)
+        child = world.parse_instruction(evolved)
         assert evol_instruct.eliminate_instruction(evolved, text) is None, (text, evolved)
         if operation is None:  # in_breadth: a task of the sibling family, same split
-            assert child.family == toy.FAMILIES[parent.family].sibling
-            assert toy.split_of(child.family, child.operands) == "train"
+            assert child.family == world.FAMILIES[parent.family].sibling
+            assert world.split_of(child.family, child.operands) == "train"
         else:  # in_depth: the same task, reworded
             assert (child.family, child.operands) == (parent.family, parent.operands)
         moved += bool(child.input)
         response = teacher("", [{"role": "user", "content": evolved}])
-        assert toy.check(child, response)
+        assert world.check(child, response)
         assert response.startswith("Step 1: ") == ("Show your reasoning" in evolved or "Check the result" in evolved)
     # complicate_input moves the operands into an input, unless that adds too few words (then another
     # in-depth rewording is used; "Write the letters in the input in capital letters." adds 2)
@@ -93,9 +93,9 @@ def test_teacher_explains_orca_tasks_in_the_style_each_system_message_asks_for()
     t = train_tasks(1, "orca", family="reverse", input_form=True)[0]
     for name, system in orca.SYSTEM_MESSAGES:
         response = teacher(system, [{"role": "user", "content": orca.task_prompt(task_text(t), t.answer)}])
-        assert toy.check(t, response), name
+        assert world.check(t, response), name
         if name == "none":
-            assert response == toy.reference_response(t)      # the default response: restated fact, answer line
+            assert response == world.reference_response(t)      # the default response: restated fact, answer line
         elif name == "brief":
             assert response == f"Answer: {t.answer}"
         else:
@@ -105,11 +105,11 @@ def test_teacher_explains_orca_tasks_in_the_style_each_system_message_asks_for()
 
 def test_teacher_is_wrong_on_the_stated_fraction_logs_exactly_those_and_repeats_itself(tmp_path):
     """3000 distinct prompts, p = 0.25: the count of wrong answers lies within 4σ of n·p = 750,
-    σ = √(n·p·(1 − p)) ≈ 23.7. The wrong log holds exactly the answers toy.check finds wrong."""
+    σ = √(n·p·(1 − p)) ≈ 23.7. The wrong log holds exactly the answers world.check finds wrong."""
     prompts = list(dict.fromkeys(task_text(t) for t in train_tasks(6000, "fraction")))[:3000]
     teacher = toy_llm.Teacher(wrong_fraction=0.25)
     replies = [teacher("", [{"role": "user", "content": p}]) for p in prompts]
-    wrong = [not toy.check(toy.parse_instruction(p), r) for p, r in zip(prompts, replies)]
+    wrong = [not world.check(world.parse_instruction(p), r) for p, r in zip(prompts, replies)]
     n = len(prompts)
     assert n == 3000 and abs(sum(wrong) - 0.25 * n) <= 4 * math.sqrt(n * 0.25 * 0.75)
 
@@ -122,7 +122,7 @@ def test_teacher_is_wrong_on_the_stated_fraction_logs_exactly_those_and_repeats_
         sorted(toy_llm.answer_key("", p) for p, w in zip(prompts[:300], wrong) if w)
     for fraction, expected in ((0.0, 0), (1.0, 200)):
         t = toy_llm.Teacher(wrong_fraction=fraction)
-        assert sum(not toy.check(toy.parse_instruction(p), t("", [{"role": "user", "content": p}]))
+        assert sum(not world.check(world.parse_instruction(p), t("", [{"role": "user", "content": p}]))
                    for p in prompts[:200]) == expected
 
 
@@ -132,9 +132,9 @@ def test_judge_rates_right_answers_high_and_wrong_ones_low_in_filters_prompt():
     rng = random.Random(0)
     with toy_llm.ToyServer(toy_llm.judge, "toy-judge") as server:
         for i, t in enumerate(train_tasks(40, "judge")):
-            style = rng.choice([None, *toy.ORCA_SYSTEM_MESSAGES])
-            right = toy.reference_response(t, style)
-            wrong = right[:len(right) - len(t.answer)] + toy.make_wrong(t, rng)
+            style = rng.choice([None, *world.ORCA_SYSTEM_MESSAGES])
+            right = world.reference_response(t, style)
+            wrong = right[:len(right) - len(t.answer)] + world.make_wrong(t, rng)
             # the Orca form (input inside the instruction, a reference) and the generated form (separate input)
             record = {"system": "", "instruction": t.instruction, "input": t.input} if i % 2 else \
                 {"system": "Be brief.", "instruction": task_text(t), "input": "", "targets": t.answer}
@@ -166,8 +166,8 @@ def test_make_data_end_to_end_on_a_small_n_filters_out_exactly_the_wrong_answers
         assert sorted(r["id"] for r in judged) == sorted(generated) and len(judged) > 0
         for r in judged:
             assert {"id", "scheme", "instruction", "input", "response", "system", "judge_rating"} <= set(r)
-            task = toy.parse_instruction(r["instruction"])
-            correct = toy.check(task, r["response"])  # recomputed: the teacher's log agrees with the checker
+            task = world.parse_instruction(r["instruction"])
+            correct = world.check(task, r["response"])  # recomputed: the teacher's log agrees with the checker
             assert correct == (toy_llm.answer_key(*pipeline.sent(r)) not in wrong)
             assert (r["id"] in kept) == correct
     report = {r["scheme"]: r for _, r in read_jsonl(out / "filter_report.jsonl")[0]}
@@ -206,4 +206,4 @@ def test_generate_and_filter_run_unchanged_against_the_toy_servers_in_process(tm
                                    "--filtered", str(tmp_path / "f.jsonl"), "--judge-url", judge.url,
                                    "--judge-model", "toy-judge"]) == 0
     kept = [r for _, r in read_jsonl(tmp_path / "f.jsonl")[0]]
-    assert kept and all(toy.check(toy.parse_instruction(r["instruction"]), r["response"]) for r in kept)
+    assert kept and all(world.check(world.parse_instruction(r["instruction"]), r["response"]) for r in kept)

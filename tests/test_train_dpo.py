@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from config import load_config
-from data import toy
 from data.batching import tokenize_pair
 from data.hh import hh_pairs
 from data.template import format_prompt
@@ -23,6 +22,7 @@ from losses import sequence_logps
 from micro_model import ENV, REPO, micro_model, run_script
 from model import Tokenizer
 from model.loading import load_pretrained
+from toy import world
 from train_dpo import METRICS, DPOConfig, main, rpo_term
 
 
@@ -30,7 +30,7 @@ from train_dpo import METRICS, DPOConfig, main, rpo_term
 def start(tmp_path_factory):
     """A random 2-layer LLaMA (hidden 64) with a 512-piece tokenizer trained on toy text and templated toy
     prompts (so that a toy pair is ~100 tokens): the 'SFT model'."""
-    texts = toy.pretraining_text(300, 0) + [format_prompt(t.instruction, t.input) for t in toy.heldout_tasks(300, 5)]
+    texts = world.pretraining_text(300, 0) + [format_prompt(t.instruction, t.input) for t in world.heldout_tasks(300, 5)]
     return micro_model(tmp_path_factory.mktemp("start"), texts, vocab_size=512)[0]
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import training
-from training import (GracefulExit, MetricsLogger, Progress, format_hms, load_checkpoint, lr_at, make_optimizer,
-                      peak_memory_gb, rng_state, save_checkpoint, seed_everything, set_rng_state)
+from training import (GracefulExit, MetricsLogger, Progress, format_hms, load_resume_state, lr_at, make_optimizer,
+                      peak_memory_gb, rng_state, save_resume_state, seed_everything, set_rng_state)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,14 +90,14 @@ def test_resumed_training_equals_uninterrupted_training_bit_for_bit(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train(model, optimizer, 3)
     order = torch.randperm(50)
-    save_checkpoint(tmp_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 3,
+    save_resume_state(tmp_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 3,
                                "data": {"epoch": 2, "position": 17, "order": order}, "rng": rng_state()})
     train(model, optimizer, 4)                                    # the run that was never interrupted
 
     seed_everything(99)                                           # a new process: other weights, other RNG
     resumed = toy_model()
     resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
-    ckpt = load_checkpoint(tmp_path)
+    ckpt = load_resume_state(tmp_path)
     resumed.load_state_dict(ckpt["model"])
     resumed_optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
@@ -114,10 +114,10 @@ def test_resumed_training_equals_uninterrupted_training_bit_for_bit(tmp_path):
 def test_draws_after_restoring_rng_equal_draws_after_saving(tmp_path):
     seed_everything(5)
     torch.rand(3), np.random.rand(), random.random(), np.random.randn()  # numpy caches a gaussian now
-    save_checkpoint(tmp_path, {"rng": rng_state()})
+    save_resume_state(tmp_path, {"rng": rng_state()})
     after_save = (torch.rand(5), np.random.rand(5), np.random.randn(3), [random.random() for _ in range(5)])
     seed_everything(6)
-    set_rng_state(load_checkpoint(tmp_path)["rng"])
+    set_rng_state(load_resume_state(tmp_path)["rng"])
     after_restore = (torch.rand(5), np.random.rand(5), np.random.randn(3), [random.random() for _ in range(5)])
     assert torch.equal(after_save[0], after_restore[0])
     assert np.array_equal(after_save[1], after_restore[1]) and np.array_equal(after_save[2], after_restore[2])
@@ -136,8 +136,8 @@ def test_optimizer_state_round_trips_bit_for_bit_through_weights_only_load(tmp_p
             warnings.simplefilter("ignore")                       # bitsandbytes: "paged ... not supported on CPU"
             optimizer.step()
         saved = optimizer.state_dict()
-        save_checkpoint(tmp_path, {"optimizer": saved})
-        loaded = load_checkpoint(tmp_path)["optimizer"]
+        save_resume_state(tmp_path, {"optimizer": saved})
+        loaded = load_resume_state(tmp_path)["optimizer"]
 
         def flat(d, prefix=""):
             items = d.items() if isinstance(d, dict) else enumerate(d)
@@ -156,7 +156,7 @@ def test_optimizer_state_round_trips_bit_for_bit_through_weights_only_load(tmp_p
 # --- checkpoints: atomic ---------------------------------------------------------------------------
 
 def test_a_crash_mid_write_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
-    save_checkpoint(tmp_path, {"step": 1, "w": torch.arange(1000.0)})
+    save_resume_state(tmp_path, {"step": 1, "w": torch.arange(1000.0)})
     real_save = torch.save
 
     def write_half_then_crash(obj, f):
@@ -167,18 +167,18 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_and_no_temp_file(tmp_p
 
     monkeypatch.setattr(torch, "save", write_half_then_crash)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(1000)})
+        save_resume_state(tmp_path, {"step": 2, "w": torch.zeros(1000)})
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
-    ckpt = load_checkpoint(tmp_path)
+    ckpt = load_resume_state(tmp_path)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.arange(1000.0))
 
 
 def test_a_temp_file_left_by_a_killed_save_is_ignored_then_replaced(tmp_path):
-    save_checkpoint(tmp_path, {"step": 1})
+    save_resume_state(tmp_path, {"step": 1})
     (tmp_path / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")   # what SIGKILL mid-write leaves
-    assert load_checkpoint(tmp_path) == {"step": 1}
-    save_checkpoint(tmp_path, {"step": 2})
-    assert os.listdir(tmp_path) == ["checkpoint.pt"] and load_checkpoint(tmp_path) == {"step": 2}
+    assert load_resume_state(tmp_path) == {"step": 1}
+    save_resume_state(tmp_path, {"step": 2})
+    assert os.listdir(tmp_path) == ["checkpoint.pt"] and load_resume_state(tmp_path) == {"step": 2}
 
 
 class NotWeights:
@@ -186,13 +186,13 @@ class NotWeights:
 
 
 def test_loading_refuses_objects_and_names_the_file(tmp_path):
-    assert load_checkpoint(tmp_path / "empty") is None
+    assert load_resume_state(tmp_path / "empty") is None
     torch.save({"x": NotWeights()}, tmp_path / "checkpoint.pt")   # weights_only=True runs no pickled code
     with pytest.raises(ValueError, match=r"checkpoint\.pt: cannot load checkpoint"):
-        load_checkpoint(tmp_path)
+        load_resume_state(tmp_path)
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"checkpoint\.pt: cannot load checkpoint"):
-        load_checkpoint(tmp_path)
+        load_resume_state(tmp_path)
 
 
 # --- signals ---------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_loading_refuses_objects_and_names_the_file(tmp_path):
 TOY_LOOP = """
 import sys, time, torch
 sys.path.insert(0, {repo!r})
-from training import GracefulExit, save_checkpoint, rng_state
+from training import GracefulExit, save_resume_state, rng_state
 out, mode = sys.argv[1], sys.argv[2]
 model = torch.nn.Linear(4, 4)
 optimizer = torch.optim.AdamW(model.parameters())
@@ -212,7 +212,7 @@ with GracefulExit() as stop:
         print(f"step={{step}}", flush=True)
         time.sleep(0.01)
         if mode == "check" and stop.should_stop():
-            save_checkpoint(out, {{"model": model.state_dict(), "step": step + 1, "rng": rng_state()}})
+            save_resume_state(out, {{"model": model.state_dict(), "step": step + 1, "rng": rng_state()}})
             print("saved", flush=True)
             break
 """
@@ -233,7 +233,7 @@ def test_sigterm_saves_a_checkpoint_after_the_step_and_exits_0(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert out.rstrip().endswith("saved") and "SIGTERM: stopping after this step" in err
-    ckpt = load_checkpoint(tmp_path / "out")
+    ckpt = load_resume_state(tmp_path / "out")
     assert 1 <= ckpt["step"] < 100_000 and set(ckpt) == {"model", "step", "rng"}
 
 

@@ -2,30 +2,30 @@
 
 They are NOT language models. Each is a real HTTP server on 127.0.0.1 speaking the OpenAI Chat Completions API
 (POST /v1/chat/completions; GET /v1/models), so generate.py and filter.py talk to them exactly as they talk to
-vLLM, llama.cpp or OpenAI. Behind the API sits the toy world of data/toy.py: a prompt is read with the project's
+vLLM, llama.cpp or OpenAI. Behind the API sits the toy world of toy/world.py: a prompt is read with the project's
 own prompt files (synth/prompts/*.txt, each turned into a pattern whose {slots} are groups), the toy task inside
-it is found with toy.parse_instruction, and the reply is computed.
+it is found with world.parse_instruction, and the reply is computed.
 
 Teacher (model "toy-teacher"), per prompt kind:
     lamini_example_guided / _topic_guided   a numbered list of {count} new toy instructions (train split, no
                                             input form), of the families of the examples shown / of the topics
-    evol_in_depth / evol_in_breadth         toy.evolve with the operation whose method the prompt names: the
+    evol_in_depth / evol_in_breadth         world.evolve with the operation whose method the prompt names: the
                                             first of 8 draws that brings 3 new words (the eliminator's test),
                                             else the first other in-depth operation that does
-    orca_task (+ system message)            toy.reference_response in the style the system message asks for
-    anything else                           a task to answer: toy.reference_response(task)
+    orca_task (+ system message)            world.reference_response in the style the system message asks for
+    anything else                           a task to answer: world.reference_response(task)
 An answer (the last three kinds) is deliberately wrong with probability `wrong_fraction` (default 0.25): the
-final answer is replaced by toy.make_wrong's. The draw is a hash of (seed, system, user message), so the same
+final answer is replaced by world.make_wrong's. The draw is a hash of (seed, system, user message), so the same
 prompt always gets the same reply (generate.py's resume relies on it), and each wrong answer is appended to the
 side file `wrong_log` keyed by answer_key(system, user): the ground truth for the filter's precision and recall.
 
 Judge (model "toy-judge"): reads judge.txt's sections, finds the task in [Instruction] + [Input] and checks the
-[Response] with toy.check: "Rating: 8-10" when its final answer is the task's, "Rating: 1-3" when not (the
+[Response] with world.check: "Rating: 8-10" when its final answer is the task's, "Rating: 1-3" when not (the
 number within the band is a hash of the prompt), "Rating: 1" for a task outside the toy world.
 
-    python -m synth.toy_llm inputs --out runs/data/toy         seeds.jsonl, topics.txt, flan.jsonl
-    python -m synth.toy_llm serve teacher --wrong-log runs/data/toy_teacher.wrong.jsonl
-    python -m synth.toy_llm serve judge                        prints "… listening on URL", serves until stdin closes
+    python -m toy.llm inputs --out runs/data/toy         seeds.jsonl, topics.txt, flan.jsonl
+    python -m toy.llm serve teacher --wrong-log runs/data/toy_teacher.wrong.jsonl
+    python -m toy.llm serve judge                        prints "… listening on URL", serves until stdin closes
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from data import toy
+from files import write_jsonl_atomic, write_text_atomic
 from synth import evol_instruct, orca
-from synth.records import AppendLog, write_jsonl_atomic
+from synth.records import AppendLog
+from toy import world
 
-PROMPTS = Path(__file__).with_name("prompts")
+PROMPTS = Path(__file__).resolve().parents[1] / "synth" / "prompts"   # the wording generate.py and filter.py send
 TOPICS = {"add": "adding numbers", "subtract": "subtracting numbers", "next_number": "counting up",
           "previous_number": "counting down", "larger": "comparing numbers", "sort_digits": "sorting digits",
           "reverse": "spelling words backwards", "uppercase": "capital letters", "next_letter": "the alphabet",
@@ -117,23 +118,23 @@ class Teacher:
         if "topics" in match.groupdict():
             families = [f for t in _bullets(match["topics"]) for f, topic in TOPICS.items() if topic == t]
         else:
-            families = [t.family for t in map(toy.parse_instruction, _bullets(match["examples"])) if t]
-        families = sorted(set(families)) or sorted(toy.FAMILIES)
-        tasks = [toy.sample_task(rng, "train", rng.choice(families), input_form=False) for _ in range(count)]
+            families = [t.family for t in map(world.parse_instruction, _bullets(match["examples"])) if t]
+        families = sorted(set(families)) or sorted(world.FAMILIES)
+        tasks = [world.sample_task(rng, "train", rng.choice(families), input_form=False) for _ in range(count)]
         return "\n".join(f"{i}. {t.instruction}" for i, t in enumerate(tasks, 1))
 
     def evolve(self, original: str, operation: str, rng) -> str:
         """Evol-Instruct: the original (instruction, then its input after a blank line) evolved by `operation`."""
-        task = toy.parse_instruction(original)
+        task = world.parse_instruction(original)
         if task is None:
             return original  # nothing the toy world can evolve: the eliminator drops it (no_information_gain)
         head, _, tail = original.partition("\n\n")
         task = replace(task, instruction=head, input=tail)
         # Up to 8 draws of the operation asked for, then the other in-depth ones (a rewording it already
         # holds adds nothing); complicate_input needs operands that are not input already.
-        tries = [operation] * 8 + [op for op in toy.EVOL_OPERATIONS if op != operation]
+        tries = [operation] * 8 + [op for op in world.EVOL_OPERATIONS if op != operation]
         for op in [op for op in tries if not (op == "complicate_input" and tail)]:
-            new = toy.evolve(task, op, rng)
+            new = world.evolve(task, op, rng)
             text = new.instruction + (f"\n\n{new.input}" if new.input else "")
             if evol_instruct.eliminate_instruction(text, original) is None:
                 break
@@ -141,13 +142,13 @@ class Teacher:
 
     def answer(self, system: str, user: str, task_text: str, style: str | None, rng) -> str:
         """The task's reference response; with probability wrong_fraction its final answer made wrong."""
-        task = toy.parse_instruction(task_text)
+        task = world.parse_instruction(task_text)
         if task is None:
             return NOT_TOY
-        response = toy.reference_response(replace(task, instruction=task_text), style)  # sees "show reasoning"
+        response = world.reference_response(replace(task, instruction=task_text), style)  # sees "show reasoning"
         if unit(self.seed, "wrong", system, user) >= self.wrong_fraction:
             return response
-        wrong = toy.make_wrong(task, rng)
+        wrong = world.make_wrong(task, rng)
         response = response[:len(response) - len(task.answer)] + wrong  # every reference ends with the answer
         if self.log is not None:
             key = answer_key(system, user)
@@ -159,7 +160,7 @@ class Teacher:
 
 
 def _orca_style(system: str) -> str | None:
-    """toy.reference_response's style for one of orca_system_messages.txt's messages, read off its name."""
+    """world.reference_response's style for one of orca_system_messages.txt's messages, read off its name."""
     name = next((n for n, text in orca.SYSTEM_MESSAGES if text == system), "")
     for keys, style in ((("brief",), "brief"), (("five_year_old",), "five_year_old"),
                         (("teacher", "definition"), "teacher"), (("step", "faithful"), "step_by_step")):
@@ -178,11 +179,11 @@ def judge(system: str, messages: list[dict]) -> str:
     if match is None:
         return "Rating: 1\nReason: I could not find the task and response sections in this prompt."
     text = match["instruction"] + (f"\n\n{match['input']}" if match["input"] != "(none)" else "")
-    task = toy.parse_instruction(text)
+    task = world.parse_instruction(text)
     if task is None:
         return "Rating: 1\nReason: This is not a toy-world task, so its answer cannot be checked."
-    given, band = toy.extract_answer(match["response"]), unit("judge", prompt)
-    if toy.check(task, match["response"]):
+    given, band = world.extract_answer(match["response"]), unit("judge", prompt)
+    if world.check(task, match["response"]):
         return f"Rating: {8 + int(3 * band)}\nReason: The final answer {given!r} is correct."
     return f"Rating: {1 + int(3 * band)}\nReason: The final answer {given!r} is wrong; it should be {task.answer!r}."
 
@@ -261,12 +262,12 @@ def write_inputs(out: str, n_seeds: int = 1200, n_tasks: int = 4000, seed: int =
         flan.jsonl   the Flan fields orca reads; inputs = instruction, a blank line, input
     Same arguments, same files. Returns {"seeds", "topics", "tasks"} → path."""
     rng, folder = random.Random(f"toy-inputs-{seed}"), Path(out)
-    seeds = [toy.sample_task(rng, "train") for _ in range(n_seeds)]
-    tasks = [toy.sample_task(rng, "train") for _ in range(n_tasks)]
+    seeds = [world.sample_task(rng, "train") for _ in range(n_seeds)]
+    tasks = [world.sample_task(rng, "train") for _ in range(n_tasks)]
     paths = {"seeds": folder / "seeds.jsonl", "topics": folder / "topics.txt", "tasks": folder / "flan.jsonl"}
     write_jsonl_atomic(paths["seeds"], [{"instruction": t.instruction, "context": t.input, "response": t.answer,
                                          "category": t.family} for t in seeds])
-    paths["topics"].write_text("".join(f"{t}\n" for t in dict.fromkeys(TOPICS.values())), encoding="utf-8")
+    write_text_atomic(paths["topics"], "".join(f"{t}\n" for t in dict.fromkeys(TOPICS.values())))
     write_jsonl_atomic(paths["tasks"], [{"inputs": f"{t.instruction}\n\n{t.input}" if t.input else t.instruction,
                                          "targets": t.answer, "task_name": t.family, "template_type": "zs_noopt",
                                          "task_source": "toy"} for t in tasks])

@@ -3,6 +3,8 @@ checkpoint, load it back and sample from it through the OpenBezoar prompt templa
 
 The model's weights are random, so what it writes is noise: the demo shows the plumbing (tokenizer,
 checkpoint format, KV-cache sampling) end to end, not a trained model. Runs in seconds on 2 cores.
+
+    python -m toy.demo [--out runs/demo] [--seed 0]                    (make demo)
 """
 import argparse
 import os

@@ -5,7 +5,7 @@ the same role at toy scale: it knows the toy world's facts ("7 plus 5 is 12.", "
 but has never seen an instruction, a question or the prompt template, so it cannot follow instructions and its
 exact match on held-out toy tasks stays near zero until the SFT stages teach it the format.
 
-What the base must know for SFT to work (measured; data/toy.py pretraining_text):
+What the base must know for SFT to work (measured; toy/world.py pretraining_text):
   - facts with their operands named earlier ("We have the numbers 7 and 5. Their sum is 12."): pretrained on
     statements alone, the base could complete "7 plus 5 is" but not find operands further back, and QLoRA SFT
     taught it the answer's kind, not its content (held-out exact match 0.06-0.08 after the LaMini stage,
@@ -16,7 +16,9 @@ What the base must know for SFT to work (measured; data/toy.py pretraining_text)
   - its facts, reliably: 2000 steps on 40000 documents (~1.7 epochs) state 98% of held-out facts right
     (1000 steps on 20000: 87%, add and subtract near 50%).
 
-    config → seed → tokenizer (SentencePiece BPE on data/toy.pretraining_text) → model (random init)
+    python -m toy.base [--steps 2000 --out_dir runs/base ...]          (make base; train_sft.py's start)
+
+    config → seed → tokenizer (SentencePiece BPE on world.pretraining_text) → model (random init)
            → documents packed into rows → AdamW, warmup + cosine → loop → save runs/base/
 
 Packing: every document becomes [BOS] ids [EOS]; all documents are concatenated into one stream and cut into
@@ -40,10 +42,10 @@ from typing import Optional
 import torch
 
 from config import dump_config, load_config
-from data import toy
 from losses import sft_loss
 from model import PRESETS, Llama, Tokenizer, train_tokenizer
 from model.loading import save_pretrained
+from toy import world
 from training import MetricsLogger, Progress, lr_at, make_optimizer, peak_memory_gb, resolve_device, seed_everything
 
 TINY = PRESETS["tiny"]
@@ -51,13 +53,13 @@ TINY = PRESETS["tiny"]
 
 @dataclass
 class BaseConfig:
-    """Pretrain the tiny toy base (train_base.py). Defaults are the embedded CPU default's values."""
+    """Pretrain the tiny toy base (python -m toy.base). Defaults are the embedded CPU default's values."""
     out_dir: str = "runs/base"            # the Hugging Face folder written: weights, config.json, tokenizer.model
     seed: int = 0                         # seeds the data, the initialisation and the row order
     device: Optional[str] = None          # cpu, cuda, cuda:1; none = cuda if available, else cpu
     dtype: str = "float32"                # float32 or bfloat16 (weights and compute; saved in this dtype)
     # --- data
-    documents: int = 40000                # toy.pretraining_text documents (3-8 units each, ~120 tokens)
+    documents: int = 40000                # world.pretraining_text documents (3-8 units each, ~120 tokens)
     vocab_size: int = 1024                # SentencePiece BPE pieces, also the model's vocab_size (≥ 260)
     # --- model shape (config.json names); defaults: model/config.py's "tiny" preset
     hidden_size: int = TINY.hidden_size
@@ -100,19 +102,19 @@ def pack_documents(tok, docs, seq_len):
 
 
 def main(argv=None):
-    cfg = load_config(BaseConfig, argv, prog="train_base.py")
+    cfg = load_config(BaseConfig, argv, prog="python -m toy.base")
     print(cfg)
     seed_everything(cfg.seed, deterministic=True)
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     out = cfg.out_dir
-    tmp = out + ".tmp"                                    # built here, renamed to out when complete
+    tmp = out + ".tmp"              # the whole folder is built here and published by one rename when complete
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     t0 = time.time()
 
     # --- tokenizer, from the same documents the model reads
-    docs = toy.pretraining_text(cfg.documents, cfg.seed)
+    docs = world.pretraining_text(cfg.documents, cfg.seed)
     train_tokenizer(docs, os.path.join(tmp, "tokenizer"), cfg.vocab_size)
     tok = Tokenizer(os.path.join(tmp, "tokenizer.model"))
     rows, dropped = pack_documents(tok, docs, cfg.seq_len)                                 # [N, T]
