@@ -18,18 +18,15 @@ Two ways to compute the same numbers:
            before the lm_head), and their logits are made C rows at a time under torch.utils.checkpoint,
            so backward recomputes each chunk's logits instead of storing them. Equal to the plain
            functions up to float rounding, gradients included (tests/test_losses.py).
-           Peak memory is about four C × V fp32 buffers (≈ C/2 MiB at V = 32000) instead of four
-           B × T × V ones; measured at B=4, T=256, V=32000, D=512: 500 MiB plain, 127 MiB chunked (C=256).
+           Peak memory is a few C × V fp32 buffers (≈ C/2 MiB each at V = 32000) instead of a few
+           B × T × V ones.
            Frozen lm_head (QLoRA, DPO: only ∂/∂hidden is needed): each chunk's gradient is taken in the
            forward pass instead, while its logits exist, and kept as [C, D]:
                ∂ log p(y)/∂h = (onehot(y) − softmax(z)) · W,   z = h Wᵀ
            so backward is one multiply by the incoming gradient and the logits are never recomputed:
            two lm_head matmuls per position (forward, ∂h) instead of three. Same numbers up to float
-           rounding (tests/test_fast_paths.py). Without gradients (a reference pass) no ∂h is made.
-           All chunks run in one autograd node that reuses three C × V buffers (logits in h's dtype,
-           logits ≥ fp32, softmax) from chunk to chunk: fresh ones would be fresh pages each time
-           (see _FrozenHeadTokenLogps). On the CPU the softmax step is losses_kernel.c (losses_cpu.py):
-           the same formulas in three sweeps per row, in place in the logits' buffer.
+           rounding (tests/test_losses.py). Without gradients (a reference pass) no ∂h is made.
+           On the CPU, cpu.frozen_head_token_logps does the same in one C pass per row (cpu/losses.py).
 
 Shapes: B batch, T tokens, D hidden, V vocab, N response tokens in the batch, C chunk rows.
 """
@@ -37,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import losses_cpu
+import cpu
 
 IGNORE_INDEX = -100
 
@@ -108,49 +105,22 @@ class _FrozenHeadTokenLogps(torch.autograd.Function):
     """log p(y) of N positions through a frozen lm_head, C rows at a time; ∂/∂h is computed in forward
     (see the module docstring) and scaled by the incoming gradient in backward.
 
-    One log-softmax pass gives both: log p = log_softmax(z) in at least fp32, log p(y) = (log p)[y] (exact
-    even where p(y) underflows in fp32), and, exponentiated in place, ∂ log p(y)/∂z = onehot(y) − p. No step
-    looks at values on the host, so on a GPU the chunks queue without waiting.
-
-    Why one node for all chunks, with three [C, V] buffers reused by every chunk: a fresh C × V buffer
-    (32 MB at C = 256 in fp32, above glibc's mmap threshold) is new pages from the kernel each time, and
-    the page faults cost more than the work done in them (torch.profiler, bench/bench_sft_step.py shape:
-    softmax 20 ms per chunk in fresh memory, 5 ms in reused memory; this function's forward 200 → 110 ms
-    per step in bf16). The values are those of the per-chunk computation, operation for operation."""
+    One log-softmax gives both: log p = log_softmax(z) in at least fp32, log p(y) = (log p)[y] (exact even
+    where p(y) underflows in fp32), and, exponentiated in place, p − onehot(y) = −∂ log p(y)/∂z. No step
+    looks at values on the host, so on a GPU the chunks queue without waiting."""
 
     @staticmethod
     def forward(ctx, h, lm_head_weight, y, need_grad, chunk_size):            # [N, D], [V, D], [N]
-        (N, D), V = h.shape, lm_head_weight.shape[0]
-        C = max(1, min(chunk_size, N))
         wide = torch.promote_types(h.dtype, torch.float32)                    # softmax dtype, ≥ fp32
-        z = h.new_empty(C, V)                                                 # [C, V] logits in h's dtype
-        token_logps = torch.empty(N, dtype=wide, device=h.device)                              # [N]
-        dh = h.new_empty(N, D) if need_grad else None                         # [N, D] ∂ log p(y)/∂h
-        if losses_cpu.usable(z):                                              # the C kernel: in place in z
-            for i in range(0, N, C):
-                n = min(C, N - i)
-                torch.mm(h[i:i + n], lm_head_weight.t(), out=z[:n])           # z = h Wᵀ in h's dtype
-                losses_cpu.token_logp_grad(z[:n], y[i:i + n], token_logps[i:i + n], need_grad)  # z ← p − onehot
-                if need_grad:
-                    torch.mm(z[:n], lm_head_weight, out=dh[i:i + n]).neg_()  # [n, D]
-            ctx.save_for_backward(dh)
-            return token_logps
-        z_wide = z if z.dtype == wide else torch.empty(C, V, dtype=wide, device=h.device)      # [C, V] the same, ≥ fp32
-        p = torch.empty(C, V, dtype=wide, device=h.device)                                     # [C, V] softmax
-        for i in range(0, N, C):
-            n = min(C, N - i)
-            zc, zw, pc, yc = z[:n], z_wide[:n], p[:n], y[i:i + n]             # [n, V] ×3, [n]
-            torch.mm(h[i:i + n], lm_head_weight.t(), out=zc)                  # z = h Wᵀ in h's dtype
-            if zw is not zc:
-                zw.copy_(zc)
-            torch.log_softmax(zw, dim=-1, out=pc)                             # log p: exact where p underflows
-            token_logps[i:i + n] = pc.gather(-1, yc[:, None]).squeeze(-1)     # [n] log p(y)
+        token_logps = torch.empty(h.shape[0], dtype=wide, device=h.device)    # [N]
+        dh = torch.empty_like(h) if need_grad else None                       # [N, D] ∂ log p(y)/∂h
+        for i in range(0, h.shape[0], chunk_size):
+            rows, yc = slice(i, i + chunk_size), y[i:i + chunk_size, None]    # [C, 1]
+            logp = F.linear(h[rows], lm_head_weight).to(wide).log_softmax(-1)  # [C, V] log p
+            token_logps[rows] = logp.gather(-1, yc).squeeze(-1)                # [C] log p(y)
             if need_grad:
-                pc.exp_()                                                     # p
-                pc.scatter_add_(-1, yc[:, None], pc.new_full((n, 1), -1.0))  # p − onehot(y)
-                if zc is not pc:
-                    zc.copy_(pc)                                              # in h's dtype (z is free now)
-                torch.mm(zc, lm_head_weight, out=dh[i:i + n]).neg_()         # [n, D]
+                p_minus_onehot = logp.exp_().scatter_add_(-1, yc, torch.full_like(yc, -1, dtype=wide))
+                dh[rows] = -(p_minus_onehot.to(h.dtype) @ lm_head_weight)      # [C, D]
         ctx.save_for_backward(dh)
         return token_logps
 
@@ -174,6 +144,8 @@ def _response_token_logps_chunked(hidden, lm_head_weight, labels, chunk_size):
     h, y = hidden[mask], targets[mask]                                    # [N, D], [N]
     if not (lm_head_weight.requires_grad and torch.is_grad_enabled()):     # frozen head: ∂h in forward
         need_grad = h.requires_grad and torch.is_grad_enabled()
+        if cpu.enabled("loss", h, lm_head_weight):
+            return cpu.frozen_head_token_logps(h, lm_head_weight.detach(), y, need_grad, chunk_size), rows
         return _FrozenHeadTokenLogps.apply(h, lm_head_weight.detach(), y, need_grad, chunk_size), rows  # [N], [N]
     # ∂W too: recompute each chunk in backward. One empty chunk when N = 0, so the (empty) result stays
     # connected to hidden's graph.

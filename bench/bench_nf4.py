@@ -4,7 +4,7 @@
      lora.nf4 NF4Tensor.dequantize against bitsandbytes.functional.dequantize_4bit;
   2. forward + backward of a 4-bit LoRA linear, x [4, 256, in], r 64, alpha 16, dropout 0.05, fp32 and bf16
      compute, both MLP shapes: lora.layers LoRALinear(Linear4bit) against bitsandbytes Linear4bit + PEFT LoRA;
-     "ours, W kept" keeps the dequantised W from forward for backward (lora.layers.KEEP_MAX_BYTES raised;
+     "ours, W kept" keeps the dequantised W from forward for backward (cpu.nf4.KEEP_MAX_BYTES raised;
      by default only small layers do): the memory/speed trade-off of dequantising once instead of twice;
   3. where the time goes: torch.profiler's top operators for one step of each layer;
   4. peak RSS added by quantising one fp16 8640 × 3200 tensor, each in a fresh subprocess;
@@ -85,12 +85,12 @@ class KeptW(torch.nn.Module):
         self.layer = layer
 
     def forward(self, x):
-        import lora.layers
-        before, lora.layers.KEEP_MAX_BYTES = lora.layers.KEEP_MAX_BYTES, 1 << 40
+        from cpu import nf4 as cpu_nf4
+        before, cpu_nf4.KEEP_MAX_BYTES = cpu_nf4.KEEP_MAX_BYTES, 1 << 40
         try:
             return self.layer(x)
         finally:
-            lora.layers.KEEP_MAX_BYTES = before
+            cpu_nf4.KEEP_MAX_BYTES = before
 
 
 def train_step(layer, x, g):
@@ -115,28 +115,33 @@ def bench_dequantize(reps):
     # Where the time goes: both sides return a fresh tensor, and the first touch of its pages (the kernel's
     # page faults) is a large fixed cost, smaller with 2 MiB pages; the rest is the dequantisation proper,
     # timed here into a reused buffer.
-    from lora import nf4_cpu
+    import cpu
+    from cpu import nf4 as cpu_nf4
     from lora.nf4 import NF4_CODE
     print("   where ours goes, ms (median): a fresh output touched once (torch.empty + fill_) | the same with huge "
-          "pages asked for (nf4_cpu.advise_huge_pages, as dequantize does) | the decoding of the double-quantised "
-          "absmax | the kernel into a reused buffer | the torch path (no kernel)")
+          "pages asked for (cpu.nf4.advise_huge_pages, as dequantize does) | the decoding of the double-quantised "
+          "absmax | the kernel into a reused buffer | the plain torch code (the nf4 path off)")
 
     def fresh_huge(dtype):
         t = torch.empty(N_OUT, N_IN, dtype=dtype)
-        nf4_cpu.advise_huge_pages(t)
+        cpu_nf4.advise_huge_pages(t)
         return t.fill_(0)
     for dtype in (torch.float32, torch.bfloat16):
         buf, absmax = torch.empty(q.numel // 64, 64, dtype=dtype), q.block_absmax()
         fns = {"fresh": lambda: torch.empty(N_OUT, N_IN, dtype=dtype).fill_(0), "huge": lambda: fresh_huge(dtype),
                "absmax": q.block_absmax}
-        if nf4_cpu.usable("cpu", dtype, 64):
-            fns["kernel"] = lambda: nf4_cpu.dequantize_blocks(buf, q.packed.view(-1, 32), absmax[:, None], NF4_CODE)
+        if cpu.enabled("nf4", buf):
+            fns["kernel"] = lambda: cpu_nf4.dequantize_blocks(buf, q.packed.view(-1, 32), absmax[:, None], NF4_CODE)
         t = interleaved(fns, reps)
-        old_usable, nf4_cpu.usable = nf4_cpu.usable, lambda *a: False
+        switch = os.environ.get("BEZOAR_C_KERNELS")
+        os.environ["BEZOAR_C_KERNELS"] = "-nf4"                     # read at every call: the plain code now
         try:
             torch_path = interleaved({"torch": lambda: q.dequantize(dtype)}, reps)["torch"][0]
         finally:
-            nf4_cpu.usable = old_usable
+            if switch is None:
+                del os.environ["BEZOAR_C_KERNELS"]
+            else:
+                os.environ["BEZOAR_C_KERNELS"] = switch
         kernel = f"{t['kernel'][0]*1e3:.1f}" if "kernel" in t else "(no kernel)"
         print(f"   {str(dtype)[6:]:<9} {t['fresh'][0]*1e3:.1f} | {t['huge'][0]*1e3:.1f} | {t['absmax'][0]*1e3:.1f} | "
               f"{kernel} | {torch_path*1e3:.1f}")
@@ -243,8 +248,8 @@ def main():
     print(describe())
     print("load average (1, 5, 15 min): %.2f %.2f %.2f" % os.getloadavg(), f"on {os.cpu_count()} CPUs, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
-    from lora import nf4_cpu
-    print("NF4 dequantisation on the CPU:", nf4_cpu.KERNEL.status)
+    from cpu import nf4 as cpu_nf4
+    print("NF4 dequantisation on the CPU:", cpu_nf4.KERNEL.status)
     bench_dequantize(args.reps)
     profiles = bench_layers(args.reps, not args.no_profile)
     if profiles:

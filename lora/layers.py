@@ -11,32 +11,20 @@ identity change, y = base(x). Only A and B train; W gets no gradient and no opti
 reach A, B and x. The adapter runs in x's dtype; A and B are stored in `lora_dtype` (fp32 by default, the
 optimizer's master copy) and cast on the way in, as autocast does.
 
-Linear4bit keeps W as NF4 (lora/nf4.py) and dequantises it to the compute dtype for each product, in
-forward and again in backward (nothing but the NF4 weight is kept). On the CPU it never materialises all
-of W: it dequantises a tile of TILE values, multiplies, and moves on:
-    forward   y[:, rows]  = x · W[rows, :]ᵀ      tiles of whole rows; each y element is one K-long dot product
-    backward  ∂x[:, cols] = ∂y · W[:, cols]      tiles of whole columns; each ∂x element one N-long dot product
-Each element is thus one matmul's dot product, as with the whole W (no partial sums rounded to bf16).
-Why tiles (bench/bench_nf4.py, torch.profiler): a whole 8640 × 3200 W is a fresh 110 MB fp32 buffer each
-time, and the kernel's first touch of fresh pages costs about as much as the dequantisation itself; a
-16 MiB tile comes back from the allocator already mapped. Much smaller tiles mean many small operators and
-matmuls that repack x each time. On CUDA, or when rows don't split into whole blocks, W is dequantised
-whole (by bitsandbytes' kernel on CUDA, with the same values) and F.linear does the rest.
-A W of at most KEEP_MAX_BYTES in the compute dtype is instead dequantised whole once in forward and kept
-for backward: one dequantisation fewer per step, for a dense copy of small layers only. Under activation
-checkpointing the copy lives from a block's recomputation to its backward (one block's worth at a time).
+QLoRA's base, Linear4bit, stores W in NF4 (lora/nf4.py, about 4.13 bits a weight) and dequantises it to the
+compute dtype for each product (NF4Matmul):
+    forward   W' = dequantize(W_nf4)  [N, K]      y = x W'ᵀ
+    backward  W' = dequantize(W_nf4)  again       ∂x = ∂y W'            (W is frozen: no ∂W)
+Keeping W' from forward for backward would hold a dense copy of every layer's weight (in bf16 about 4× its NF4
+size) from forward to backward: the memory QLoRA quantises W to save. Dequantising again costs one more pass
+over the 4-bit weight per step instead. On CUDA bitsandbytes' kernel dequantises (the same values: checked
+once per device, lora/nf4.py), and a one-row product without gradients (a decoding step) is bitsandbytes'
+4-bit matrix-vector kernel, which reads the packed codes without dequantising all of W first.
 
-The fast path (LoRALinear.forward, when x is already in the compute dtype): base and adapter are one
-autograd node, LoRAFunction, with its gradients written out (α = scaling / (1 − p'), m the keep mask):
-    forward    h = (x ⊙ m) Aᵀ                    y = x Wᵀ + α h Bᵀ            (one addmm in place)
-    backward   ∂B = α ∂yᵀ h      ∂h = ∂y B      ∂A = α ∂hᵀ (x ⊙ m)      ∂x = ∂y W + α (∂h A) ⊙ m
-It keeps x ⊙ m and h, not x (∂W is not needed, so backward never uses x itself; nn.Dropout + two F.linear
-would keep x, the mask and the dropped x, and cast A and B's gradients twice). The mask is counter-based
-(lora/dropout.py): a function of one seed drawn from torch's generator per call and of each element's index,
-so x ⊙ m is one pass of a C kernel on the CPU, and backward recomputes m from the seed instead of keeping it
-(bench shape, bf16 [1024, 512]: 0.07 ms, against 0.9 ms to draw 16-bit uniforms from torch's generator,
-compare and multiply). The readable composition, y = base(x) + F.linear(F.linear(dropout(x), A), B) · scaling,
-is LoRALinear.forward_reference; tests/test_fast_paths.py holds the two equal (and the formula, gradcheck).
+On the CPU two speed paths replace the plain code here, one line each (cpu/; the switch BEZOAR_C_KERNELS):
+"nf4" takes the 4-bit product a tile of W at a time (cpu/nf4.py), and "lora" runs base and adapter as one
+autograd node with a counter-based dropout mask (cpu/lora.py). Either gives this code's values up to float
+rounding (tests/cpu/test_fast_paths.py); with the switch off the CPU runs exactly what CUDA runs.
 
 Shapes: M tokens (all leading dims of x flattened), K in_features, N out_features, r rank.
 """
@@ -46,96 +34,45 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import c_build
-from lora import dropout
+import cpu
 from lora.nf4 import NF4Tensor, bitsandbytes_cuda_problem, quantize_nf4, to_bnb_quant_state
-
-TILE = 1 << 22     # values of W dequantised at a time on the CPU (16 MiB in fp32)
-KEEP_MAX_BYTES = 1 << 22   # a dequantised W up to this size (compute dtype) is kept from forward for backward
 
 
 # --- the 4-bit base -----------------------------------------------------------------------------------
 
-def _tiled(q: NF4Tensor, x) -> bool:
-    return x.device.type == "cpu" and c_build.enabled() and len(q.shape) == 2 and q.shape[1] % q.block_size == 0
-
-
-def _bitsandbytes(q: NF4Tensor) -> bool:
+def on_bitsandbytes(q: NF4Tensor) -> bool:
     """True where bitsandbytes' CUDA kernels run this weight (checked once per device: lora/nf4.py)."""
     return q.device.type == "cuda" and bitsandbytes_cuda_problem(q.device) is None
 
 
-def _dequantize(q: NF4Tensor, dtype):
-    if _bitsandbytes(q):
+def dequantize(q: NF4Tensor, dtype) -> torch.Tensor:
+    """W [N, K] in dtype: bitsandbytes' kernel on CUDA, NF4Tensor.dequantize elsewhere (the same values)."""
+    if on_bitsandbytes(q):
         import bitsandbytes.functional as bnbF
         return bnbF.dequantize_4bit(q.packed, to_bnb_quant_state(q, dtype))
     return q.dequantize(dtype)
 
 
-def nf4_linear(x, q: NF4Tensor):
-    """y = x Wᵀ for x [M, K] and the NF4 weight W [N, K]; y [M, N] in x's dtype."""
-    N, K = q.shape
-    if not _tiled(q, x):
-        return F.linear(x, _dequantize(q, x.dtype))
-    absmax = q.block_absmax()                                                 # [N·K / bs] fp32
-    y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
-    step = max(1, TILE // K)
-    for a in range(0, N, step):
-        w = q.dequantize_tile(slice(a, a + step), slice(0, K), x.dtype, absmax)  # [R, K]
-        torch.mm(x, w.t(), out=y[:, a:a + step])                              # [M, R]
-    return y
-
-
-def nf4_linear_grad_input(grad_y, q: NF4Tensor):
-    """∂x = ∂y W for ∂y [M, N]; [M, K] in ∂y's dtype."""
-    N, K = q.shape
-    if not _tiled(q, grad_y):
-        return grad_y @ _dequantize(q, grad_y.dtype)
-    absmax = q.block_absmax()
-    grad_x = torch.empty(grad_y.shape[0], K, dtype=grad_y.dtype, device=grad_y.device)
-    bs = q.block_size
-    step = max(4 * bs, TILE // N // bs * bs)                                  # whole blocks
-    for c in range(0, K, step):
-        cols = slice(c, min(c + step, K))
-        w = q.dequantize_tile(slice(0, N), cols, grad_y.dtype, absmax)        # [N, C]
-        torch.mm(grad_y, w, out=grad_x[:, cols])                              # [M, C]
-    return grad_x
-
-
-def keeps_dequantized(q: NF4Tensor, dtype) -> bool:
-    """True if forward dequantises W whole and keeps it for backward (W at most KEEP_MAX_BYTES in dtype)."""
-    return q.numel * torch.finfo(dtype).bits // 8 <= KEEP_MAX_BYTES
-
-
-def base_forward(x, q: NF4Tensor, keep: bool):
-    """(y = x Wᵀ [M, N], W [N, K] if kept else None) for x [M, K] in the compute dtype."""
-    if keep:
-        W = _dequantize(q, x.dtype)                                           # [N, K]
-        return x @ W.t(), W
-    return nf4_linear(x, q), None
-
-
-def base_grad_input(grad_y, q: NF4Tensor, W):
-    """∂x = ∂y W [M, K]: with the kept W, or dequantising W again."""
-    return grad_y @ W if W is not None else nf4_linear_grad_input(grad_y, q)
-
-
 class NF4Matmul(torch.autograd.Function):
-    """x Wᵀ with W frozen in NF4: backward dequantises W again instead of keeping a dense copy, unless W
-    is small (keeps_dequantized)."""
+    """y = x Wᵀ [M, N] for x [M, K] and W [N, K] frozen in NF4; backward dequantises W again instead of
+    keeping a dense copy (the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, q: NF4Tensor):                                        # x [M, K]
         ctx.q = q
-        y, W = base_forward(x, q, ctx.needs_input_grad[0] and keeps_dequantized(q, x.dtype))
-        ctx.save_for_backward(W)
-        return y
+        if cpu.enabled("nf4", x):
+            y, W = cpu.nf4_linear(x, q, keep=ctx.needs_input_grad[0])         # W: None, or a small W kept
+            ctx.save_for_backward(W)
+            return y
+        return F.linear(x, dequantize(q, x.dtype))                            # [M, N]
 
     @staticmethod
     def backward(ctx, grad_y):                                                # [M, N]
-        (W,) = ctx.saved_tensors
-        grad_x = base_grad_input(grad_y.contiguous(), ctx.q, W) if ctx.needs_input_grad[0] else None
-        return grad_x, None
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        if cpu.enabled("nf4", grad_y):
+            return cpu.nf4_linear_grad_input(grad_y, ctx.q, *ctx.saved_tensors), None
+        return grad_y @ dequantize(ctx.q, grad_y.dtype), None                 # [M, K] ∂x = ∂y W
 
 
 class Linear4bit(nn.Module):
@@ -159,7 +96,7 @@ class Linear4bit(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear4bit: input has {x.shape[-1]} features, expected {self.in_features}")
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)                                # [M, K]
-        if x2.shape[0] == 1 and not (torch.is_grad_enabled() and x.requires_grad) and _bitsandbytes(self.weight):
+        if x2.shape[0] == 1 and not (torch.is_grad_enabled() and x.requires_grad) and on_bitsandbytes(self.weight):
             # One row without gradients (a decoding step): bitsandbytes' 4-bit matrix-vector kernel reads the
             # packed codes directly instead of dequantising all of W first.
             import bitsandbytes
@@ -185,51 +122,6 @@ class Linear4bit(nn.Module):
 
 
 # --- LoRA --------------------------------------------------------------------------------------------
-
-class LoRAFunction(torch.autograd.Function):
-    """y = x Wᵀ + α ((x ⊙ m) Aᵀ) Bᵀ for x [M, K] (contiguous), the frozen W (NF4Tensor or dense [N, K]),
-    A [r, K], B [N, r], the keep mask m of lora/dropout.py for (seed, p) (seed None: no dropout, m = 1),
-    α = scaling / (1 − p'); in x's dtype except A, B (cast here, gradients returned in their dtype).
-    Gradients as in the module docstring."""
-
-    @staticmethod
-    def forward(ctx, x, A, B, base, seed, p, alpha):
-        A_, B_ = A.to(x.dtype), B.to(x.dtype)                                 # [r, K], [N, r]
-        if isinstance(base, NF4Tensor):
-            keep = ctx.needs_input_grad[0] and keeps_dequantized(base, x.dtype)   # W is needed again for ∂x only
-            y, W = base_forward(x, base, keep)                                # [M, N]
-        else:
-            y, W = x @ base.t(), base
-        xm = x if seed is None else dropout.select(x, seed, p)               # [M, K] x ⊙ m
-        h = xm @ A_.t()                                                       # [M, r]
-        y.addmm_(h, B_.t(), alpha=alpha)                                      # y += α h Bᵀ
-        ctx.base, ctx.seed, ctx.p, ctx.alpha, ctx.A_dtype, ctx.B_dtype = base, seed, p, alpha, A.dtype, B.dtype
-        ctx.save_for_backward(xm, h, A_, B_, W)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):                                                # [M, N]
-        xm, h, A_, B_, W = ctx.saved_tensors                                  # [M, K], [M, r]
-        alpha = ctx.alpha
-        grad_y = grad_y.contiguous()
-        grad_h = grad_y @ B_                                                  # [M, r] ∂h / α
-        grad_A = grad_B = grad_x = None
-        if ctx.needs_input_grad[2]:
-            grad_B = (grad_y.t() @ h).mul_(alpha).to(ctx.B_dtype)             # [N, r] α ∂yᵀ h
-        if ctx.needs_input_grad[1]:
-            grad_A = (grad_h.t() @ xm).mul_(alpha).to(ctx.A_dtype)            # [r, K] α ∂hᵀ (x ⊙ m)
-        if ctx.needs_input_grad[0]:
-            if isinstance(ctx.base, NF4Tensor):
-                grad_x = base_grad_input(grad_y, ctx.base, W)                 # [M, K] ∂y W
-            else:
-                grad_x = grad_y @ W
-            if ctx.seed is None:
-                grad_x.addmm_(grad_h, A_, alpha=alpha)                        # + α ∂h A
-            else:
-                grad_hA = grad_h @ A_                                         # [M, K]
-                grad_x.add_(dropout.select(grad_hA, ctx.seed, ctx.p, out=grad_hA), alpha=alpha)  # + α (∂h A) ⊙ m
-        return grad_x, grad_A, grad_B, None, None, None, None
-
 
 def check_lora_settings(r, alpha, dropout):
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
@@ -267,35 +159,32 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the base's product (a Linear4bit's compute dtype, a dense base's weight dtype)."""
+        base = self.base_layer
+        return base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
+
+    @property
     def dropout_p(self) -> float:
-        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        """The dropout probability in effect: 0 without dropout or in eval mode."""
+        d = self.lora_dropout
+        return d.p if isinstance(d, nn.Dropout) and d.training else 0.0
 
     def forward(self, x):                                                     # [..., K]
-        base = self.base_layer
-        dtype = base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
-        if self.disabled or x.dtype != dtype or x.shape[-1] != self.in_features:
-            return self.forward_reference(x)                  # (and the error for a wrong width)
-        x2 = x.reshape(-1, self.in_features).contiguous()                    # [M, K]
-        seed, p = None, self.dropout_p
-        if self.training and p > 0:
-            seed = dropout.draw_seed()
-        alpha = self.scaling / (dropout.keep_probability(p) if seed is not None else 1.0)
-        W = base.weight if isinstance(base, Linear4bit) else base.weight.detach()
-        y = LoRAFunction.apply(x2, self.lora_A.weight, self.lora_B.weight, W, seed, p, alpha)
-        return y.view(*x.shape[:-1], self.out_features)                      # [..., N]
-
-    def forward_reference(self, x):                                           # [..., K]
-        """The readable composition: base(x) + F.linear(F.linear(dropout(x), A), B) · scaling, with
-        nn.Dropout's own mask (forward uses lora/dropout.py's)."""
-        y = self.base_layer(x)                                                # [..., N]
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"LoRALinear: input has {x.shape[-1]} features, expected {self.in_features}")
         if self.disabled:
-            return y
+            return self.base_layer(x)
+        if x.dtype == self.compute_dtype and cpu.enabled("lora", x):
+            return cpu.lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
+                                   self.scaling, self.dropout_p)
+        y = self.base_layer(x)                                                # [..., N]
         A = self.lora_A.weight.to(x.dtype)                                    # [r, K]
         B = self.lora_B.weight.to(x.dtype)                                    # [N, r]
         h = F.linear(self.lora_dropout(x), A).reshape(-1, self.r)             # [M, r]
         # y + scaling · h Bᵀ in one addmm: no [M, N] temporaries for the product and the scaled product.
         y = torch.addmm(y.reshape(-1, self.out_features), h, B.t(), alpha=self.scaling)  # [M, N]
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)                      # [..., N]
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = B A · alpha / r, [N, K], in fp32."""
@@ -307,7 +196,7 @@ class LoRALinear(nn.Module):
         first, its compute dtype)."""
         base = self.base_layer
         W = base.dequantized_weight(torch.float32) if isinstance(base, Linear4bit) else base.weight.detach()
-        dtype = dtype or (base.compute_dtype if isinstance(base, Linear4bit) else W.dtype)
+        dtype = dtype or self.compute_dtype
         cls = type(base) if isinstance(base, nn.Linear) else nn.Linear        # a dense base's own class
         merged = cls(self.in_features, self.out_features, bias=False, device=W.device, dtype=dtype)
         with torch.no_grad():

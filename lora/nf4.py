@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lora import nf4_cpu
+import cpu
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # those bitsandbytes accepts
 NESTED_BLOCK_SIZE = 256                                      # double quantisation, as in bitsandbytes
@@ -76,11 +76,6 @@ def dynamic_code() -> torch.Tensor:
 
 NF4_CODE = nf4_levels()                                                      # [16]
 NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2                           # [15]
-# Every byte's two levels, (high nibble, low nibble): one lookup dequantises two values. The pair is
-# also seen as one 8-byte word, so that the lookup is a 1-D gather (several times faster than gathering
-# rows of two); the bytes, hence the two fp32 values, come out in the same order.
-NF4_BYTE_LEVELS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # [256, 2]
-NF4_BYTE_WORDS = NF4_BYTE_LEVELS.view(torch.int64).view(256)                                 # [256]
 DYNAMIC_CODE = dynamic_code()                                                # [256]
 # bitsandbytes' CPU grid table (point 5): grid point i ↦ code whose midpoint interval holds it.
 _GRID = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32, device="cpu")) / 65535.0   # [65536]
@@ -164,56 +159,26 @@ class NF4Tensor:
                                          self.nested_code) + self.offset
 
     def dequantize(self, dtype=None) -> torch.Tensor:
-        """The weight in its original shape, in `dtype` (default: the original dtype)."""
+        """The weight in its original shape, in `dtype` (default: the original dtype); point 6:
+            w = level[code] · absmax      the product in fp32, rounded once to dtype
+        A CHUNK of values at a time, so that the temporaries (codes, levels) stay small."""
         dtype = dtype or self.dtype
         n, bs = self.numel, self.block_size
         nb = -(-n // bs)
-        packed = self.packed.view(-1)
-        if packed.numel() * 2 != nb * bs:              # short last block: pad it to a whole one
+        out = torch.empty(nb, bs, dtype=dtype, device=self.device)                # [nb, bs]
+        if cpu.enabled("nf4", out):
+            return cpu.dequantize_nf4(self, out)             # the same values in one C pass (cpu/nf4.py)
+        packed = self.packed.view(-1)                                             # [ceil(n / 2)] uint8
+        if packed.numel() * 2 != nb * bs:                    # a short last block: pad it to a whole one
             packed = torch.nn.functional.pad(packed, (0, nb * bs // 2 - packed.numel()))
-        out = torch.empty(nb, bs, dtype=dtype, device=self.device)
-        absmax = self.block_absmax()
-        if nf4_cpu.usable(self.device, dtype, bs):     # the one-pass C kernel, same values (lora/nf4_cpu.py)
-            nf4_cpu.advise_huge_pages(out)              # before the first touch: fewer page faults
-            full = n // bs                              # whole blocks as rows of one block each
-            nf4_cpu.dequantize_blocks(out[:full], packed[:full * bs // 2].view(full, bs // 2),
-                                      absmax[:full, None], NF4_CODE)
-            if full < nb:
-                dequantize_blocks_into(out[full:], packed[full * bs // 2:].view(1, bs // 2), absmax[full:, None])
-            return out.view(-1)[:n].view(self.shape)
-        step = max(1, CHUNK // bs)
+        levels, absmax = self.code, self.block_absmax()                           # [16], [nb] fp32
+        step = max(1, CHUNK // bs)                                                # blocks per chunk
         for b in range(0, nb, step):
-            dequantize_blocks_into(out[b:b + step], packed.view(nb, bs // 2)[b:b + step],
-                                   absmax.view(nb, 1)[b:b + step])
+            byte = packed[b * bs // 2:(b + step) * bs // 2]                       # [c/2] two codes each
+            code = torch.stack([byte >> 4, byte & 15], dim=1).view(-1)            # [c] high nibble first
+            w = levels[code.long()].view(-1, bs) * absmax[b:b + step, None]       # [c/bs, bs] fp32
+            out[b:b + step] = w                                                   # rounded once to dtype
         return out.view(-1)[:n].view(self.shape)
-
-    def dequantize_tile(self, rows: slice, cols: slice, dtype, absmax=None) -> torch.Tensor:
-        """W[rows, cols] [R, C] of a 2-D weight whose row length K is a multiple of block_size, in `dtype`;
-        cols must start and stop on block boundaries, within K. absmax: block_absmax() if already computed."""
-        N, K = self.shape
-        bs = self.block_size
-        assert K % bs == 0 and cols.start % bs == 0 and cols.stop % bs == 0 and cols.stop <= K
-        absmax = self.block_absmax() if absmax is None else absmax
-        packed = self.packed.view(N, K // 2)[rows, cols.start // 2:cols.stop // 2]     # [R, C/2]
-        absmax = absmax.view(N, K // bs)[rows, cols.start // bs:cols.stop // bs]      # [R, C/bs]
-        out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype, device=self.device)
-        if nf4_cpu.usable(self.device, dtype, bs):
-            return nf4_cpu.dequantize_blocks(out, packed, absmax, NF4_CODE)
-        return dequantize_blocks_into(out, packed, absmax)
-
-
-def dequantize_blocks_into(out, packed, absmax):
-    """out [R, C] ← level[code] · absmax for packed [R, C/2] uint8 (any strides) and absmax [R, C/bs] fp32.
-    The product is taken in fp32 and rounded once to out.dtype, as bitsandbytes does."""
-    R, C = out.shape
-    direct = out.dtype == torch.float32 and out.is_contiguous()      # fp32: look up straight into out
-    words = torch.index_select(NF4_BYTE_WORDS.to(packed.device), 0, packed.int().reshape(-1),
-                               out=out.view(-1).view(torch.int64) if direct else None)   # [R·C/2] int64
-    values = words.view(torch.float32).view(R, absmax.shape[1], -1)                      # [R, C/bs, bs]
-    values.mul_(absmax[..., None])                                                       # level · absmax
-    # Other dtypes: the fp32 product is rounded once, by the copy. (torch.mul(..., out=bf16) would fuse the
-    # two passes but runs a slower mixed-dtype loop: 0.57 ms against 0.14 + 0.21 for 700K values here.)
-    return out if direct else out.copy_(values.view(R, C))
 
 
 def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Tensor:

@@ -9,6 +9,10 @@ Deltas from the original Transformer (Vaswani et al. 2017):
 
 Module names are Hugging Face's, so `state_dict()` keys are the checkpoint's keys.
 
+On the CPU, RMSNorm, rotary, SwiGLU and causal attention's backward may take a speed path of cpu/block.py,
+one `if cpu.enabled(...)` line at each site; the code after it is what CUDA runs, and what the CPU runs with
+BEZOAR_C_KERNELS=0 (tests/cpu/test_block_kernels.py holds each path to it).
+
 Shapes: B batch, T new tokens, S keys (cached + new), D hidden (3200), H heads (32), Hkv key/value
 heads (32), Dh head dim (100), F MLP (8640), V vocab (32000).
 """
@@ -19,78 +23,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import block_cpu, decode_cpu
+import cpu
 from model.config import LlamaConfig
 
 
-class Linear(nn.Linear):
-    """nn.Linear (the model's are bias-free): y = x Wᵀ. One row in bf16 on the CPU without gradients (a
-    batch-1 decoding step) goes through model/decode_kernel.c, which streams W from memory at 25–28 GB/s where
-    torch's bf16 matrix-vector product manages 17–18 (a decoding step reads every weight once); everything
-    else is nn.Linear's own forward."""
-
-    def forward(self, x):                                                 # [..., K]
-        if self.bias is None and decode_cpu.usable(x, self.weight):
-            return decode_cpu.linear_row(x, self.weight)                  # [..., N]
-        return super().forward(x)
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with its gradient written out (forward: the same operations as forward_reference, value
-    for value).
-        r = 1 / sqrt(mean(x²) + eps)  [..., 1] fp32      x̂ = x r  fp32      y = w ⊙ x̂ (x̂ rounded to x's dtype)
-    backward, with g = (∂y ⊙ w) in fp32 (the rounding of x̂ is the identity for gradients, as autograd
-    treats a cast), D the last dim:
-        ∂x = r g − r³ x · Σ_d(g x) / D  = r (g − x̂ mean(g x̂))         ∂w = Σ over rows of ∂y ⊙ x̂
-    It keeps x (alive anyway: the residual stream) and r, not the fp32 x̂ and x² that autograd through
-    the composition keeps, and makes ∂x in four passes over [.., D] instead of autograd's dozen
-    (bench shape, bf16 [1024, 512]: forward + backward 3.2 → 2.2 ms, 16 backward calls a step).
-    On the CPU, forward and ∂x (the weight frozen) are one sweep each of model/block_kernel.c, the same
-    formulas (model/block_cpu.py)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):                               # [..., D], [D]
-        if block_cpu.usable(x, weight):
-            y, r = block_cpu.rmsnorm_forward(x, weight, eps)        # [..., D], [..., 1]
-            ctx.save_for_backward(x, weight, r)
-            return y
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)     # [..., 1]
-        ctx.save_for_backward(x, weight, r)
-        return weight * (xf * r).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_y):                                      # [..., D]
-        x, weight, r = ctx.saved_tensors
-        if not ctx.needs_input_grad[1] and block_cpu.usable(x, weight, grad_y):
-            return block_cpu.rmsnorm_backward(x, weight, r, grad_y), None, None
-        xf = x.float()                                              # [..., D]
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            g = (grad_y * weight).float()                           # [..., D]
-            gx = torch.linalg.vecdot(g, xf).unsqueeze(-1)           # [..., 1] Σ_d g x
-            grad_x = g.addcmul_(xf, r.square().mul_(gx).div_(-x.shape[-1])).mul_(r).to(x.dtype)
-        if ctx.needs_input_grad[1]:                                 # a trained norm (toy/base.py)
-            grad_w = (grad_y * (xf * r).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x, grad_w, None
-
-
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · weight, computed in fp32 whatever the input dtype
-    (forward_reference: the plain composition; forward: RMSNormFunction, the same values)."""
+    """y = x / sqrt(mean(x²) + eps) · weight, computed in fp32 whatever the input dtype; x / rms is rounded
+    back to x's dtype before the weight multiplies it (as transformers' LlamaRMSNorm does)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):                                           # [..., D]
-        return RMSNormFunction.apply(x, self.weight, self.eps)
-
-    def forward_reference(self, x):                                 # [..., D]
+    def forward(self, x):                                                 # [..., D]
+        if cpu.enabled("rms_norm", x, self.weight):
+            return cpu.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)   # [..., D] / [..., 1]
         return self.weight * x.to(dtype)
 
 
@@ -104,83 +55,14 @@ def rotary_cos_sin(position_ids, head_dim: int, theta: float, dtype):
 
 
 def rotate_half(x):                                                       # [..., Dh]
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)                                           # [..., Dh/2] ×2
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x, cos, sin):                                            # [B, H, T, Dh]
+def apply_rotary(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+Dh/2}) of x [B, H, T, Dh] by its angle; cos, sin [B, 1, T, Dh] broadcast
+    over heads."""
     return x * cos + rotate_half(x) * sin
-
-
-class RotaryFunction(torch.autograd.Function):
-    """[B, T, H, Dh] (a projection's output) → rotated, [B, H, T, Dh] contiguous (attention's layout):
-        forward   apply_rotary(x.transpose(1, 2), cos, sin)            (rotate each pair by its angle)
-        backward  apply_rotary(∂y, cos, −sin).transpose(1, 2)          (rotate back: a rotation's transpose)
-    On the CPU both are one sweep of model/block_kernel.c (rotate and move in one pass, one rounding in
-    bf16 where the torch composition rounds three times); elsewhere the torch code above."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):                                        # [B, T, H, Dh], [B, 1, T, Dh] ×2
-        ctx.save_for_backward(cos, sin)
-        B, T, H, Dh = x.shape
-        if block_cpu.usable(x, cos, sin):
-            out = torch.empty(B, H, T, Dh, dtype=x.dtype, device=x.device)
-            block_cpu.rotary(x, cos, sin, out.transpose(1, 2), 1.0)
-            return out
-        return apply_rotary(x.transpose(1, 2), cos, sin).contiguous()    # [B, H, T, Dh]
-
-    @staticmethod
-    def backward(ctx, grad_y):                                            # [B, H, T, Dh]
-        cos, sin = ctx.saved_tensors
-        B, H, T, Dh = grad_y.shape
-        if block_cpu.usable(grad_y, cos, sin) and grad_y.stride(3) == 1:
-            grad_x = torch.empty(B, T, H, Dh, dtype=grad_y.dtype, device=grad_y.device)
-            return block_cpu.rotary(grad_y.transpose(1, 2), cos, sin, grad_x, -1.0), None, None
-        return apply_rotary(grad_y, cos, -sin).transpose(1, 2), None, None
-
-
-ATTENTION_BUDGET = 1 << 25   # bytes of [heads, T, T] buffers in CausalAttentionFunction.backward (kept: workspace)
-
-
-class CausalAttentionFunction(torch.autograd.Function):
-    """softmax(scale · q kᵀ + causal mask) v for q, k, v [B, H, T, Dh], scale = 1/√Dh: forward is SDPA's fused
-    kernel; backward is written out (on the CPU, SDPA's fused backward takes 5–8x its forward: in the bench
-    step, bf16 [4, 8, 256, 64], 8.3 ms a layer against ~5.5 here; in fp32 the two take the same time):
-        s = q kᵀ,  p = softmax(scale · s)                   ∂v = pᵀ ∂y          ∂p = ∂y vᵀ
-        ∂s = scale · p ⊙ (∂p − rowsum(p ⊙ ∂p))               ∂q = ∂s k           ∂k = ∂sᵀ q
-    (rowsum(p ⊙ ∂p) = rowsum(∂y ⊙ y), FlashAttention's D). s and ∂p are products in fp32 (bf16 inputs are
-    widened first, so p is as exact as SDPA's); p and ∂s are rounded to the compute dtype for the three products
-    after them. The softmax and ∂s are one sweep of model/block_kernel.c. Heads go G at a time, G so that the
-    [G, T, T] buffers fit in ATTENTION_BUDGET. Used on the CPU for plain causal attention with gradients
-    (Attention.forward); tests/test_block_kernels.py holds it equal to SDPA's backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):                                            # [B, H, T, Dh] ×3
-        ctx.save_for_backward(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)    # [B, H, T, Dh]
-
-    @staticmethod
-    def backward(ctx, grad_y):                                            # [B, H, T, Dh]
-        q, k, v = ctx.saved_tensors
-        B, H, T, Dh = q.shape
-        n = B * H
-        q, k, v, dy = (t.reshape(n, T, Dh) for t in (q, k, v, grad_y))   # [n, T, Dh]
-        q32, k32, v32, dy32 = (t.float() for t in (q, k, v, dy))         # the same tensors in fp32
-        dq, dk, dv = (torch.empty(n, T, Dh, dtype=q.dtype, device=q.device) for _ in range(3))
-        wide = q.dtype == torch.float32                                   # p and ∂s written over s and ∂p
-        G = max(1, min(n, ATTENTION_BUDGET // (T * T * (8 if wide else 8 + 2 * q.element_size()))))
-        fp32, low = ((G, T, T), torch.float32), ((G, T, T), q.dtype)
-        s, dp, *pds = block_cpu.workspace(fp32, fp32) if wide else block_cpu.workspace(fp32, fp32, low, low)
-        P, dS = pds or (s, dp)                                            # [G, T, T] ×4 (or ×2 in fp32)
-        for a in range(0, n, G):
-            g, m = slice(a, a + G), min(G, n - a)
-            torch.bmm(q32[g], k32[g].transpose(1, 2), out=s[:m])          # s = q kᵀ
-            torch.bmm(dy32[g], v32[g].transpose(1, 2), out=dp[:m])        # ∂p = ∂y vᵀ
-            block_cpu.attention_softmax_backward(s[:m], dp[:m], P[:m], dS[:m], Dh ** -0.5)
-            torch.bmm(P[:m].transpose(1, 2), dy[g], out=dv[g])            # ∂v = pᵀ ∂y
-            torch.bmm(dS[:m], k[g], out=dq[g])                            # ∂q = ∂s k
-            torch.bmm(dS[:m].transpose(1, 2), q[g], out=dk[g])            # ∂k = ∂sᵀ q
-        return dq.view(B, H, T, Dh), dk.view(B, H, T, Dh), dv.view(B, H, T, Dh)
 
 
 class KVCache:
@@ -208,25 +90,31 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads,
                                                         config.num_key_value_heads, config.head_dim)
         D = config.hidden_size
-        self.q_proj = Linear(D, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(D, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(D, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.n_heads * self.head_dim, D, bias=False)
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=False)
 
     def forward(self, x, cos, sin, mask, cache):                          # x [B, T, D]
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)                     # [B, T, H, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)                  # [B, T, Hkv, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        q, k = RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin)    # [B, H(kv), T, Dh]
+        if cpu.enabled("rotary", q, k, cos, sin):
+            q, k = cpu.rotary(q, cos, sin), cpu.rotary(k, cos, sin)                    # [B, H(kv), T, Dh]
+        else:
+            q = apply_rotary(q.transpose(1, 2), cos, sin)                              # [B, H, T, Dh]
+            k = apply_rotary(k.transpose(1, 2), cos, sin)                              # [B, Hkv, T, Dh]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                                      # [B, Hkv, S, Dh]
+        # The CPU path's written-out backward is for plain causal training: no mask, no cache, no GQA.
         if (mask is None and cache is None and self.n_kv_heads == self.n_heads and torch.is_grad_enabled()
-                and block_cpu.usable(q, k, v)):
-            y = CausalAttentionFunction.apply(q, k, v)                                 # [B, H, T, Dh]
+                and cpu.enabled("attention", q, k, v)):
+            y = cpu.causal_attention(q, k, v)                                          # [B, H, T, Dh]
         else:
             y = attention(q, k, v, mask, gqa=self.n_kv_heads != self.n_heads)          # [B, H, T, Dh]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)              # [B, T, H·Dh]
+        return self.o_proj(y)                                                          # [B, T, D]
 
 
 def attention(q, k, v, mask, gqa=False, pad_head_dim=None):
@@ -251,42 +139,21 @@ def attention(q, k, v, mask, gqa=False, pad_head_dim=None):
                                           enable_gqa=gqa)                            # [B, H, T, Dh]
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    """silu(g) ⊙ u, silu(g) = g σ(g), with its gradient written out:
-        ∂g = ∂y ⊙ u ⊙ σ(g) (1 + g (1 − σ(g)))        ∂u = ∂y ⊙ silu(g)
-    It keeps g and u (autograd through F.silu(g) * u keeps silu(g) as well). On the CPU, forward and backward
-    are one sweep each of model/block_kernel.c (one rounding in bf16 where the composition rounds twice);
-    elsewhere the torch code below."""
-
-    @staticmethod
-    def forward(ctx, gate, up):                                            # [..., F] ×2
-        ctx.save_for_backward(gate, up)
-        if block_cpu.usable(gate, up):
-            return block_cpu.swiglu_forward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad_y):                                             # [..., F]
-        gate, up = ctx.saved_tensors
-        if block_cpu.usable(gate, up, grad_y):
-            return block_cpu.swiglu_backward(gate, up, grad_y)
-        g, u, dy = gate.float(), up.float(), grad_y.float()
-        s = torch.sigmoid(g)
-        return (dy * u * s * (1 + g * (1 - s))).to(gate.dtype), (dy * g * s).to(up.dtype)
-
-
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) · up(x))."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         D, Fw = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(D, Fw, bias=False)
-        self.up_proj = Linear(D, Fw, bias=False)
-        self.down_proj = Linear(Fw, D, bias=False)
+        self.gate_proj = nn.Linear(D, Fw, bias=False)
+        self.up_proj = nn.Linear(D, Fw, bias=False)
+        self.down_proj = nn.Linear(Fw, D, bias=False)
 
     def forward(self, x):                                                 # [B, T, D]
-        return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))  # [B, T, F] → [B, T, D]
+        gate, up = self.gate_proj(x), self.up_proj(x)                     # [B, T, F] ×2
+        if cpu.enabled("swiglu", gate, up):
+            return self.down_proj(cpu.swiglu(gate, up))                   # [B, T, D]
+        return self.down_proj(F.silu(gate) * up)                          # [B, T, D]
 
 
 class Block(nn.Module):
@@ -317,7 +184,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False   # recompute each block in backward instead of storing it

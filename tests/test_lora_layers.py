@@ -7,8 +7,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lora.layers
-from lora import dropout
 from lora.layers import Linear4bit, LoRALinear
 from lora.nf4 import quantize_nf4
 
@@ -103,37 +101,29 @@ def test_a_fresh_adapter_is_the_identity_change_with_peft_initialisation():
     assert layer.scaling == 1.0 and LoRALinear(dense(rand(4, 8)), r=4, alpha=16).scaling == 4.0
 
 
-def test_dropout_applies_to_the_adapter_input_only():
-    """In training, y - base(x) = (m ⊙ x / (1 - p)) Aᵀ Bᵀ · s with the mask m of lora/dropout.py for the seed
-    forward draws (p = 0.5 is a multiple of 2⁻¹⁶, so p' = p); forward_reference does the same with nn.Dropout's
-    mask."""
+def test_dropout_applies_to_the_adapter_input_only(monkeypatch):
+    """In training, y - base(x) = dropout(x) Aᵀ Bᵀ · s with nn.Dropout's mask (torch's generator: the same
+    mask after the same torch.manual_seed); in eval mode no dropout. The plain composition: the CPU's "lora"
+    path draws its own mask (tests/cpu/test_fast_paths.py), so it is off here."""
+    monkeypatch.setenv("BEZOAR_C_KERNELS", "-lora")
     base = dense(rand(20, 32, scale=0.1))
     layer = with_random_adapter(LoRALinear(base, r=4, alpha=4, dropout=0.5)).train()
     x = rand(6, 32, seed=8)
     torch.manual_seed(123)
     y = layer(x)
     torch.manual_seed(123)
-    m, keep = dropout.keep_mask(x.shape, dropout.draw_seed(), 0.5).to(x.dtype), dropout.keep_probability(0.5)
-    assert keep == 0.5 and set(m.unique().tolist()) == {0.0, 1.0}
-    x_dropped = x * m / keep
+    x_dropped = F.dropout(x, 0.5, training=True)
+    assert set((x_dropped / x).unique().tolist()) == {0.0, 2.0}             # m / (1 - p), some of each
     torch.testing.assert_close(y, reference(x_dropped, torch.zeros(20, 32), layer.lora_A.weight,
                                             layer.lora_B.weight, 1.0) + base(x))
-    torch.manual_seed(123)
-    y_ref = layer.forward_reference(x)
-    torch.manual_seed(123)
-    x_dropped = F.dropout(x, 0.5, training=True)
-    torch.testing.assert_close(y_ref, reference(x_dropped, torch.zeros(20, 32), layer.lora_A.weight,
-                                                layer.lora_B.weight, 1.0) + base(x))
     layer.eval()
     torch.testing.assert_close(layer(x), reference(x, base.weight, layer.lora_A.weight, layer.lora_B.weight, 1.0))
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_linear4bit_equals_the_dequantized_weight_in_the_compute_dtype(compute_dtype, monkeypatch):
-    """The CPU tiles (a few rows forward, a few block columns backward) give F.linear's answer. (This W
-    is small enough to be kept dequantised; KEEP_MAX_BYTES = 0 makes the layer tile it. The kept path is
-    tested against this one in test_fast_paths.py.)"""
-    monkeypatch.setattr(lora.layers, "KEEP_MAX_BYTES", 0)
+def test_linear4bit_equals_the_dequantized_weight_in_the_compute_dtype(compute_dtype):
+    """y = x W'ᵀ and ∂x = ∂y W' with W' the NF4 weight dequantised to the compute dtype (the CPU's "nf4"
+    path, tiles of W or a kept W, against the plain code: tests/cpu/test_fast_paths.py)."""
     W = rand(200, 256, scale=0.05)
     layer = Linear4bit(W, compute_dtype=compute_dtype)
     Wq = quantize_nf4(W).dequantize(compute_dtype)
@@ -142,16 +132,13 @@ def test_linear4bit_equals_the_dequantized_weight_in_the_compute_dtype(compute_d
     x_ref = x.detach().clone().requires_grad_()
     y_ref = F.linear(x_ref, Wq)
     y_ref.backward(g)
-    for tile in (1 << 20, 5000):          # one tile; several row tiles forward, 2-block column tiles backward
-        monkeypatch.setattr(lora.layers, "TILE", tile)
-        x.grad = None
-        y = layer(x)
-        y.backward(g)
-        assert y.dtype == compute_dtype
-        # fp32: only the matmul's blocking differs; half precision: one rounding of each output
-        tol = dict(rtol=1e-5, atol=1e-5) if compute_dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-        torch.testing.assert_close(y, y_ref, **tol)
-        torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    y = layer(x)
+    y.backward(g)
+    assert y.dtype == compute_dtype
+    # fp32: only the matmul's blocking may differ; half precision: one rounding of each output
+    tol = dict(rtol=1e-5, atol=1e-5) if compute_dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
 
 
 def test_linear4bit_output_matches_bitsandbytes_linear4bit():
@@ -198,3 +185,5 @@ def test_bad_settings_give_one_line_errors():
         Linear4bit(torch.randn(64))
     with pytest.raises(ValueError, match="input has 32 features, expected 64"):
         Linear4bit(torch.randn(8, 64))(torch.randn(2, 32))
+    with pytest.raises(ValueError, match="LoRALinear: input has 4 features, expected 8"):
+        LoRALinear(base, r=2, alpha=2)(torch.randn(2, 4))

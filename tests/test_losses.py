@@ -312,3 +312,58 @@ def test_dpo_loss_rejects_bad_shapes_beta_and_options():
         dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.5)
     with pytest.raises(ValueError, match="not to IPO"):
         dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.1, ipo=True)
+
+
+# --- the loss through a frozen lm_head ---
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 256])
+def test_frozen_head_loss_and_its_gradient_equal_the_plain_loss(chunk_size):
+    """lm_head weight without requires_grad: ∂h is made in forward. fp64, 1e-12."""
+    hidden, weight, labels = random_batch()
+    for plain_fn, chunked_fn in [(sft_loss, sft_loss_chunked), (sequence_logps, sequence_logps_chunked)]:
+        h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+        plain = plain_fn(F.linear(h1, weight), labels)
+        fast = chunked_fn(h2, weight, labels, chunk_size=chunk_size)
+        assert fast.shape == plain.shape and fast.dtype == torch.float64
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-12)
+        cotangent = torch.arange(1.0, plain.numel() + 1, dtype=plain.dtype).reshape(plain.shape)
+        (plain * cotangent).sum().backward()
+        (fast * cotangent).sum().backward()
+        torch.testing.assert_close(h2.grad, h1.grad, rtol=0, atol=1e-12)
+
+
+def test_frozen_head_loss_gradcheck_in_float64():
+    hidden, weight, labels = random_batch(B=2, T=5, V=4, D=3)
+    assert torch.autograd.gradcheck(lambda h: sequence_logps_chunked(h, weight, labels, chunk_size=2),
+                                    (hidden.requires_grad_(),))
+
+
+def test_frozen_head_loss_is_exact_where_the_target_probability_underflows():
+    """A target 200 nats below the rest: softmax gives p = 0 in fp32, log p = −inf; the fallback returns
+    z[y] − logsumexp(z), equal to the fp64 plain value to fp32 rounding."""
+    hidden, weight, labels = random_batch(B=1, T=4, V=5, D=5, dtype=torch.float32)
+    labels[0] = torch.tensor([IGNORE_INDEX, 2, 3, 1])
+    hidden[0, 0] = 0
+    hidden[0, 0, 2] = -200.0                                    # z = h Wᵀ with W = I: target 2 at −200
+    weight = torch.eye(5)
+    fast = sequence_logps_chunked(hidden.requires_grad_(), weight, labels)
+    plain = sequence_logps(F.linear(hidden.double(), weight.double()), labels)
+    assert torch.isfinite(fast).all() and fast.item() < -199
+    torch.testing.assert_close(fast.double(), plain, rtol=1e-6, atol=0)
+
+
+def test_frozen_head_loss_in_bf16_is_close_to_the_plain_loss_and_fp32():
+    hidden, weight, labels = random_batch(dtype=torch.float32)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    plain = sequence_logps(F.linear(h1, weight), labels)
+    fast = sequence_logps_chunked(h2, weight, labels, chunk_size=3)
+    assert fast.dtype == torch.float32 and h2.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)   # same bf16 logits, fp32 softmax
+    plain.sum().backward()
+    fast.sum().backward()
+    assert h2.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(h2.grad.float(), h1.grad.float(), rtol=2e-2, atol=2e-2)
+
+

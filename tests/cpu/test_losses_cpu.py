@@ -3,9 +3,10 @@ fp64 and against losses.py's torch path."""
 import pytest
 import torch
 
-import c_build
+from cpu import build as c_build
+import cpu
 import losses
-import losses_cpu
+from cpu import losses as losses_cpu
 from kernel_checks import at_thread_counts, needs_kernels, portable_build
 
 pytestmark = needs_kernels
@@ -17,8 +18,9 @@ def logits(n, V, dtype, seed=0, scale=4.0):
 
 def test_the_kernel_builds_here():
     assert losses_cpu.KERNEL.lib is not None, losses_cpu.KERNEL.status
-    assert losses_cpu.usable(torch.empty(1, 2)) and losses_cpu.usable(torch.empty(1, 2, dtype=torch.bfloat16))
-    assert not losses_cpu.usable(torch.empty(1, 2, dtype=torch.float16))
+    assert cpu.enabled("loss", torch.empty(1, 2)) and cpu.enabled("loss", torch.empty(1, 2, dtype=torch.bfloat16))
+    assert not cpu.enabled("loss", torch.empty(1, 2, dtype=torch.float16))
+    assert not cpu.enabled("loss", torch.empty(1, 2), torch.empty(1, 2, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -55,7 +57,7 @@ def test_log_p_of_the_target_and_p_minus_onehot_equal_the_formulas_in_fp64(dtype
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_frozen_head_loss_gives_the_torch_paths_values_and_gradients(dtype, monkeypatch):
-    """losses.sequence_logps_chunked with the kernel and with the torch path: log-probabilities within 1e-4
+    """losses.sequence_logps_chunked with the kernel and with the plain code: log-probabilities within 1e-4
     (sums of fp32 terms, exp within 2 ulps), ∂hidden within one rounding of the dtype."""
     g = torch.Generator().manual_seed(1)
     hidden = (torch.randn(2, 9, 32, generator=g)).to(dtype)
@@ -66,7 +68,8 @@ def test_the_frozen_head_loss_gives_the_torch_paths_values_and_gradients(dtype, 
     for path in ("kernel", "torch"):
         with monkeypatch.context() as m:
             if path == "torch":
-                m.setattr(losses_cpu, "usable", lambda z: False)
+                m.setenv("BEZOAR_C_KERNELS", "-loss")
+            assert cpu.enabled("loss", hidden) == (path == "kernel")
             h = hidden.clone().requires_grad_()
             lp = losses.sequence_logps_chunked(h, W, labels, chunk_size=4)
             lp.sum().backward()

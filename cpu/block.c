@@ -1,18 +1,17 @@
 /* Four passes of a LLaMA block in one sweep each on the CPU: RMSNorm, rotary embeddings and SwiGLU's gate,
- * forward and ∂x, and causal attention's softmax in backward. The fast path of model/llama.py's
- * RMSNormFunction, RotaryFunction, SwiGLUFunction and CausalAttentionFunction; the torch code there (for
- * attention: SDPA's own backward) is the reference (tests/test_block_kernels.py), built by c_build.py,
- * called by model/block_cpu.py.
+ * forward and ∂x, and causal attention's softmax in backward. The autograd Functions of cpu/block.py call
+ * them (built by cpu/build.py); model/llama.py's plain code (for attention: SDPA's own backward) is the
+ * reference they are held to (tests/cpu/test_block_kernels.py).
  *
  * Arithmetic in fp32, as torch's: bf16 values are widened (a shift), results rounded to nearest even.
  * RMSNorm rounds where the torch code rounds (x̂ to the input dtype, then w ⊙ x̂), so the values differ from
  * torch's only where the fp32 sum of squares, added in another order, differs in its last bits. Rotary
  * rounds once where torch rounds three times (x·cos, rot(x)·sin, their sum): within one bf16 rounding of it.
- * SwiGLU rounds once where torch rounds twice; its e^x and 1/x are within 2 fp32 ulps (c_kernels.h).
+ * SwiGLU rounds once where torch rounds twice; its e^x and 1/x are within 2 fp32 ulps (kernels.h).
  *
- * Rows (or (b, t) pairs) are split between `threads` OpenMP threads (c_build.py: torch's own pool).
+ * Rows (or (b, t) pairs) are split between `threads` OpenMP threads (cpu/build.py: torch's own pool).
  */
-#include "../c_kernels.h"                         /* from_bf16, to_bf16, exp_poly, the 16-lane forms */
+#include "kernels.h"                         /* from_bf16, to_bf16, exp_poly, the 16-lane forms */
 
 #define LANES 16                                   /* partial sums: lets the compiler vectorise the reduction */
 

@@ -1,10 +1,10 @@
 """Counter-based dropout: the keep mask is a function of a seed and each element's index, not a drawn tensor.
 
-LoRA's dropout (p = 0.05 in the recipe) is applied to the input of every adapter. Drawing the mask from
-torch's generator, comparing, and multiplying took ~0.9 ms per [1024, 512] bf16 input (bench shape), twice per
-step under activation checkpointing, and the mask had to be kept for backward. Here one 63-bit seed is drawn
-from torch's CPU generator per call (so torch.manual_seed and checkpoint's RNG replay apply as before), and
-element i of the (flattened, row-major) tensor is kept when
+LoRA's dropout (p = 0.05 in the recipe) is applied to the input of every adapter. nn.Dropout draws the mask
+from torch's generator, compares and multiplies (several passes over the input), twice per step under
+activation checkpointing, and keeps the mask for backward. Here (the "lora" path, cpu/lora.py) one 63-bit seed
+is drawn from torch's CPU generator per call (so torch.manual_seed and checkpoint's RNG replay apply as
+before), and element i of the (flattened, row-major) tensor is kept when
 
     u(seed, i) ≥ t,   t = round(p · 2¹⁶),   so P(drop) = p' = t / 2¹⁶  (p = 0.05: p' = 0.0500031)
     u(seed, i) = bits [16 (i mod 4), 16 (i mod 4) + 16) of mix64(seed + (⌊i / 4⌋ + 1) · γ)   (mod 2⁶⁴)
@@ -14,21 +14,21 @@ of a SplitMix64 generator seeded with `seed` gives the 16-bit uniforms of elemen
 recomputes the mask from the seed instead of storing it.
 
 select(x, seed, p) = x where kept, 0 where dropped (raw bit patterns: no rounding). On the CPU for 16- and
-32-bit dtypes it is lora/dropout_kernel.c (built by c_build.py; a [1024, 512] bf16 input in ~0.07 ms);
-everywhere else keep_mask(), the same formula in torch ops, which tests/test_dropout.py holds the kernel to.
+32-bit dtypes it is cpu/dropout.c (built by build.py), one pass over x; everywhere else keep_mask(), the same
+formula in torch ops, which tests/cpu/test_dropout.py holds the kernel to.
 """
 import ctypes
 import os
 
 import torch
 
-import c_build
+from cpu import build
 
 GAMMA = 0x9E3779B97F4A7C15
 MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dropout_kernel.c")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dropout.c")
 _ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int32]
-KERNEL = c_build.Kernel(SOURCE, {"dropout_select_16": _ARGS, "dropout_select_32": _ARGS})
+KERNEL = build.Kernel(SOURCE, {"dropout_select_16": _ARGS, "dropout_select_32": _ARGS})
 
 
 def threshold(p: float) -> int:
@@ -90,5 +90,5 @@ def select(x, seed: int, p: float, out=None):
         return torch.where(keep_mask(x.shape, seed, p, x.device), x, torch.zeros((), dtype=x.dtype, device=x.device),
                            out=out)
     f = KERNEL.lib.dropout_select_16 if x.element_size() == 2 else KERNEL.lib.dropout_select_32
-    f(x.data_ptr(), out.data_ptr(), x.numel(), seed, t, c_build.threads(x.numel()))
+    f(x.data_ptr(), out.data_ptr(), x.numel(), seed, t, build.threads(x.numel()))
     return out

@@ -1,5 +1,5 @@
-"""The C kernel of NF4 dequantisation (lora/nf4_kernel.c via lora/nf4_cpu.py) against the torch reference code
-of lora/nf4.py, bit for bit, and the build and fallback rules of c_build.py."""
+"""The "nf4" path's C kernel (cpu/nf4.c via cpu/nf4.py) against the plain code of lora/nf4.py, bit for bit: whole
+weights and the tiles of W the 4-bit product uses; and the build and fallback rules of cpu/build.py."""
 import ctypes
 import os
 import shutil
@@ -7,27 +7,33 @@ import shutil
 import pytest
 import torch
 
-import c_build
+from cpu import build as c_build
+import cpu
+from cpu import nf4 as cpu_nf4
 from kernel_checks import at_thread_counts, needs_kernels, portable_build
-from lora import nf4_cpu
-from lora.nf4 import BLOCK_SIZES, quantize_nf4
+from lora.nf4 import BLOCK_SIZES, NF4_CODE, quantize_nf4
 
 pytestmark = needs_kernels
 
 
 def reference(q, dtype, monkeypatch):
-    """NF4Tensor.dequantize on the torch path only."""
+    """NF4Tensor.dequantize's plain code (the "nf4" path off)."""
     with monkeypatch.context() as m:
-        m.setattr(nf4_cpu, "usable", lambda *a: False)
+        m.setenv("BEZOAR_C_KERNELS", "-nf4")
+        assert not cpu.enabled("nf4", torch.empty(0, dtype=dtype))
         return q.dequantize(dtype)
+
+
+def usable(dtype, device="cpu"):
+    return cpu.enabled("nf4", torch.empty(0, dtype=dtype, device=device))
 
 
 def test_the_kernel_builds_wherever_there_is_a_c_compiler():
     assert shutil.which("cc"), "CI machines have a C compiler; without one the torch path is the only path"
-    assert nf4_cpu.KERNEL.lib is not None, nf4_cpu.KERNEL.status
-    assert nf4_cpu.KERNEL.status.startswith("C kernel ")
-    assert nf4_cpu.usable("cpu", torch.float32, 64) and nf4_cpu.usable("cpu", torch.bfloat16, 64)
-    assert not nf4_cpu.usable("cpu", torch.float16, 64) and not nf4_cpu.usable("meta", torch.float32, 64)
+    assert cpu_nf4.KERNEL.lib is not None, cpu_nf4.KERNEL.status
+    assert cpu_nf4.KERNEL.status.startswith("C kernel ")
+    assert usable(torch.float32) and usable(torch.bfloat16)
+    assert not usable(torch.float16) and not usable(torch.float32, "meta")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,33 +75,35 @@ def test_blocks_split_between_threads_give_the_same_result(monkeypatch):
 def test_disabled_or_without_a_compiler_the_torch_path_is_used(monkeypatch, tmp_path):
     monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
     monkeypatch.setenv("BEZOAR_C_KERNELS", "0")                   # read at every use: off at once, on again after
-    assert nf4_cpu.KERNEL.lib is None and "BEZOAR_C_KERNELS=0" in nf4_cpu.KERNEL.status
-    assert not nf4_cpu.usable("cpu", torch.float32, 64)
+    assert cpu_nf4.KERNEL.lib is None and "BEZOAR_C_KERNELS=0" in cpu_nf4.KERNEL.status
+    assert not usable(torch.float32)
+    monkeypatch.setenv("BEZOAR_C_KERNELS", "-nf4")                # this path off, the others on
+    assert not usable(torch.float32) and cpu.enabled("lora", torch.empty(0))
     monkeypatch.delenv("BEZOAR_C_KERNELS")
-    assert nf4_cpu.usable("cpu", torch.float32, 64)
+    assert usable(torch.float32)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    lib, status = nf4_cpu.KERNEL.build()
+    lib, status = cpu_nf4.KERNEL.build()
     assert lib is None and "no C compiler" in status and "torch path" in status
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_build_is_cached_under_a_key_of_source_flags_compiler_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path))
-    lib, status = nf4_cpu.KERNEL.build()
+    lib, status = cpu_nf4.KERNEL.build()
     assert lib is not None, status
     built = sorted(p.name for p in tmp_path.iterdir())
-    assert len(built) == 1 and built[0].startswith("nf4_kernel-") and built[0].endswith(".so")
+    assert len(built) == 1 and built[0].startswith("nf4-") and built[0].endswith(".so")
     mtime = (tmp_path / built[0]).stat().st_mtime_ns
-    nf4_cpu.KERNEL.build()                          # a second build reuses the file
+    cpu_nf4.KERNEL.build()                          # a second build reuses the file
     assert sorted(p.name for p in tmp_path.iterdir()) == built
     assert (tmp_path / built[0]).stat().st_mtime_ns == mtime
     monkeypatch.setattr(c_build, "cpu_flags", lambda: "flags : another cpu")
-    nf4_cpu.KERNEL.build()                          # another CPU: another build beside it
+    cpu_nf4.KERNEL.build()                          # another CPU: another build beside it
     assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_a_change_to_an_included_header_rebuilds_the_kernel(monkeypatch, tmp_path):
-    """The cache key covers the project headers a source includes (c_kernels.h), not the .c file alone."""
+    """The cache key covers the project headers a source includes (kernels.h), not the .c file alone."""
     monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path / "cache"))
     (tmp_path / "k.h").write_text("static inline int one(void) { return 1; }\n")
     (tmp_path / "k.c").write_text('#include "k.h"\nvoid f(int *out) { *out = one(); }\n')
@@ -106,7 +114,7 @@ def test_a_change_to_an_included_header_rebuilds_the_kernel(monkeypatch, tmp_pat
     out = ctypes.c_int(0)
     lib.f(ctypes.byref(out))
     assert out.value == 2 and len(list((tmp_path / "cache").iterdir())) == 2
-    assert b"exp_poly" in c_build.source_text(nf4_cpu.SOURCE)                  # via ../c_kernels.h
+    assert b"exp_poly" in c_build.source_text(cpu_nf4.SOURCE)                  # via kernels.h
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -116,7 +124,7 @@ def test_the_portable_c_path_equals_the_torch_path_too(dtype, monkeypatch, tmp_p
     torch.manual_seed(1)
     q = quantize_nf4(torch.randn(70, 300) * torch.logspace(-3, 3, 300))
     want = reference(q, dtype, monkeypatch)
-    with portable_build(nf4_cpu.KERNEL, monkeypatch, tmp_path):
+    with portable_build(cpu_nf4.KERNEL, monkeypatch, tmp_path):
         got = q.dequantize(dtype)
     assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
@@ -124,26 +132,36 @@ def test_the_portable_c_path_equals_the_torch_path_too(dtype, monkeypatch, tmp_p
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiles_of_rows_and_of_columns_equal_the_torch_path(dtype, monkeypatch):
-    """dequantize_tile (the 4-bit linear layer's forward and backward tiles) reads strided rows in place."""
+    """dequantize_tile (the 4-bit product's forward and backward tiles) reads strided rows in place."""
     torch.manual_seed(2)
     q = quantize_nf4(torch.randn(48, 384))
     absmax = q.block_absmax()
     for rows, cols in [(slice(0, 48), slice(0, 384)), (slice(5, 29), slice(0, 384)),
                        (slice(0, 48), slice(128, 320)), (slice(7, 8), slice(64, 128))]:
-        got = q.dequantize_tile(rows, cols, dtype, absmax)
-        with monkeypatch.context() as m:
-            m.setattr(nf4_cpu, "usable", lambda *a: False)
-            want = q.dequantize_tile(rows, cols, dtype, absmax)
-        assert torch.equal(got, want) and torch.equal(got, reference(q, dtype, monkeypatch)[rows, cols])
+        got = cpu_nf4.dequantize_tile(q, rows, cols, dtype, absmax)
+        assert got.dtype == dtype and torch.equal(got, reference(q, dtype, monkeypatch)[rows, cols])
+
+
+def test_tiles_follow_the_formula_level_times_absmax():
+    """As tests/test_nf4.py writes the formula out: unpack nibbles (high first), look up levels, scale by the
+    double-quantised block absmax; each tile one rounding of the fp32 product to bf16."""
+    w = torch.randn(40, 192, generator=torch.Generator().manual_seed(2)) * 0.02
+    q = quantize_nf4(w, double_quant=True)
+    codes = torch.stack([q.packed.view(-1) >> 4, q.packed.view(-1) & 15], dim=1).view(-1)   # [n]
+    nb = q.absmax.numel()                                           # absmax j is in nested block j // 256
+    absmax = q.nested_code[q.absmax.long()] * q.nested_absmax.repeat_interleave(256)[:nb] + q.offset
+    expected = (NF4_CODE[codes.long()].view(-1, 64) * absmax[:, None]).view(w.shape)
+    for rows, cols in [(slice(0, 40), slice(0, 192)), (slice(3, 17), slice(64, 192)), (slice(39, 40), slice(0, 64))]:
+        assert torch.equal(cpu_nf4.dequantize_tile(q, rows, cols, torch.bfloat16), expected[rows, cols].bfloat16())
 
 
 def test_huge_pages_are_asked_for_the_aligned_inside_of_large_cpu_tensors_only():
     import sys
     small, big = torch.empty(1000), torch.empty(10 << 20)                   # 4 KB, 40 MiB
-    assert nf4_cpu.advise_huge_pages(small) == 0
-    advised = nf4_cpu.advise_huge_pages(big)
+    assert cpu_nf4.advise_huge_pages(small) == 0
+    advised = cpu_nf4.advise_huge_pages(big)
     if sys.platform.startswith("linux"):
-        h = nf4_cpu.HUGE_PAGE
+        h = cpu_nf4.HUGE_PAGE
         assert advised % h == 0 and big.numel() * 4 - 2 * h <= advised <= big.numel() * 4
     else:
         assert advised == 0
@@ -157,10 +175,8 @@ def test_the_kernels_run_on_torchs_own_openmp_runtime():
     on torch's thread pool (Linux with torch's GNU OpenMP). Other wheels may bring their own renamed copies
     (sentencepiece's libgomp-<hash>.so.1): those are theirs, under another name."""
     import sys
-    from lora import dropout
-    from model import block_cpu
-    import losses_cpu
-    for kernel in (nf4_cpu.KERNEL, dropout.KERNEL, block_cpu.KERNEL, losses_cpu.KERNEL):
+    from cpu import block, dropout, losses
+    for kernel in (cpu_nf4.KERNEL, dropout.KERNEL, block.KERNEL, losses.KERNEL):
         assert kernel.lib is not None, kernel.status
     if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("the runtime check reads /proc/self/maps and applies to torch built with GNU OpenMP")

@@ -1,4 +1,5 @@
-"""The project's small C kernels (*_kernel.c, sharing c_kernels.h): built once per machine, loaded with ctypes, run on torch's threads.
+"""Builds the CPU speed paths' C kernels (cpu/*.c, sharing cpu/kernels.h) once per machine, loads them with
+ctypes, runs them on torch's threads; and the switch that turns the paths off.
 
 Build. The system C compiler (cc, or $CC) with -O3 -march=native and -fopenmp. The kernels split their loops
 with OpenMP, and the library they link by name, libgomp.so.1, is the one torch's CPU wheels bring and have
@@ -15,8 +16,8 @@ Like every torch operator, a kernel called with more than one thread in a proces
 parallel work would wait forever on threads that fork did not copy (GNU OpenMP's rule); forked workers set
 torch.set_num_threads(1), as torch's DataLoader workers do.
 
-Every kernel has a torch reference beside it that computes the same values and runs wherever the kernel
-cannot: BEZOAR_C_KERNELS=0, no compiler, another device or dtype.
+Every kernel replaces plain PyTorch code of the core (model/llama.py, lora/, losses.py), which computes the
+same values and runs wherever the kernel cannot: BEZOAR_C_KERNELS=0, no compiler, another device or dtype.
 """
 import ctypes
 import hashlib
@@ -36,12 +37,20 @@ MIN_PARALLEL = 1 << 16
 _lock = threading.Lock()
 
 
-def enabled() -> bool:
-    """The one switch for every CPU-only speed path (the C kernels and the autograd Functions, tiles and
-    workspaces that exist only to serve them): False when BEZOAR_C_KERNELS=0. Read at every use, not at
-    import, so a test or a user can flip it in a running process. Off, the CPU runs exactly the torch code
-    that CUDA runs."""
-    return os.environ.get("BEZOAR_C_KERNELS", "1") != "0"
+def enabled(path: str = None) -> bool:
+    """The one switch for the CPU speed paths, BEZOAR_C_KERNELS, read at every use (not at import), so a test
+    or a user can flip it in a running process:
+        unset or 1      every path on
+        0               every path off: the CPU runs exactly the plain PyTorch code that CUDA runs
+        -name,-name     every path on but the named ones (bench/bench_fast_paths.py measures each path so)
+    path None: whether any path may run."""
+    value = os.environ.get("BEZOAR_C_KERNELS", "1").strip()
+    if value == "0":
+        return False
+    if value in ("", "1") or path is None:
+        return True
+    off = {name.strip().lstrip("-") for name in value.split(",")}
+    return path not in off
 
 
 def threads(n: int) -> int:

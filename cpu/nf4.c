@@ -1,4 +1,4 @@
-/* NF4 dequantisation on the CPU in one pass: the fast path of lora/nf4.py's NF4Tensor.dequantize.
+/* NF4 dequantisation on the CPU in one pass: the "nf4" path of lora/nf4.py's NF4Tensor.dequantize.
  *
  * The same arithmetic as lora/nf4.py's torch code (and bitsandbytes' dequantize_4bit), value for value:
  *     out[b·bs + j] = round_to_dtype(level[code(b, j)] · absmax[b])      (the product in fp32)
@@ -11,12 +11,12 @@
  * every block size bitsandbytes accepts is): row i reads its bytes at packed + i·packed_stride, its absmax
  * values at absmax + i·absmax_stride and writes at out + i·out_stride (strides in elements), so a tile of
  * columns of a weight is dequantised in place, and a whole weight is rows = nb, blocks = 1. The caller
- * does a short last block. Rows are split between `threads` OpenMP threads (c_build.py: torch's own pool).
+ * does a short last block. Rows are split between `threads` OpenMP threads (cpu/build.py: torch's own pool).
  * With AVX-512 (compiled with -march=native on a CPU that has it) 32 values a step: 16 bytes are widened
  * to 16 int32, split into high and low nibbles, looked up with one permute each in a register holding the
  * 16 products, and interleaved back into value order. Elsewhere, plain C that the compiler vectorises.
  */
-#include "../c_kernels.h"                         /* to_bf16: fp32 → bf16, rounding to nearest even */
+#include "kernels.h"                         /* to_bf16: fp32 → bf16, rounding to nearest even */
 
 #define FOR_EACH_BLOCK                                                                                  \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")                   \

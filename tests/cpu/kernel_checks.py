@@ -6,7 +6,7 @@ import platform
 import pytest
 import torch
 
-import c_build
+from cpu import build as c_build
 
 # A test of a CPU speed path itself (a C kernel against its formula, its threads, its build). The suite runs
 # twice (Makefile `test`): with the speed paths on, where these run, and with BEZOAR_C_KERNELS=0, where the

@@ -9,7 +9,7 @@
  * where one fp32 sum of 32000 terms drifts by 6e-5); log s is libm's log, once a row. Rows are split between
  * `threads` OpenMP threads (c_build.py: torch's own pool).
  */
-#include "c_kernels.h"                            /* from_bf16, to_bf16, exp_poly, the 16-lane forms */
+#include "kernels.h"                            /* from_bf16, to_bf16, exp_poly, the 16-lane forms */
 
 #if defined(__AVX512F__)
 #define VECTOR 1

@@ -1,4 +1,4 @@
-/* Dropout's keep/drop decision as a pure function of (seed, element index): the fast path of lora/dropout.py.
+/* Dropout's keep/drop decision as a pure function of (seed, element index): the kernel of cpu/dropout.py.
  *
  * Element i of a tensor (flattened, row-major) is kept when its 16-bit uniform u(seed, i) ≥ threshold, with
  * threshold = round(p · 2¹⁶), so P(drop) = threshold / 2¹⁶. Four elements share one 64-bit hash:
@@ -6,7 +6,7 @@
  *     u(seed, i) = bits [16 (i mod 4), 16 (i mod 4) + 16) of h(g)
  * where mix64 is SplitMix64's output function (Steele, Lea & Flood 2014; the finaliser of MurmurHash3 with
  * Stafford's constants). Nothing is drawn or stored per element: forward, checkpoint recomputation and backward
- * all get the same mask from the same seed. lora/dropout.py holds the same formula in torch ops (the reference
+ * all get the same mask from the same seed. cpu/dropout.py holds the same formula in torch ops (the reference
  * every result is tested against, and the path on other devices).
  *
  * dropout_select_16 / _32 copy the n elements of `in` to `out` where kept and write zero where dropped, on raw
@@ -92,7 +92,7 @@ static int64_t vector_part_32(const uint32_t *in, uint32_t *out, uint64_t g0, in
 SELECT_RANGE(select_range_16, 16, uint16_t)
 SELECT_RANGE(select_range_32, 32, uint32_t)
 
-/* the whole tensor of n elements, in `threads` parts on OpenMP threads (c_build.py: torch's own pool), the
+/* the whole tensor of n elements, in `threads` parts on OpenMP threads (cpu/build.py: torch's own pool), the
  * parts' edges on multiples of 32 elements (whole hash groups, whole vector steps) */
 #define DROPOUT_SELECT(NAME, RANGE, T)                                                                   \
     void NAME(const T *in, T *out, int64_t n, uint64_t seed, uint32_t threshold, int32_t threads) {        \

@@ -1,13 +1,13 @@
-"""Counter-based dropout (lora/dropout.py): the formula against an independent pure-Python SplitMix64, the C
-kernel (lora/dropout_kernel.c) against the torch formula bit for bit, and the mask's statistics."""
+"""Counter-based dropout (cpu/dropout.py): the formula against an independent pure-Python SplitMix64, the C
+kernel (cpu/dropout.c) against the torch formula bit for bit, and the mask's statistics."""
 import math
 
 import pytest
 import torch
 
-import c_build
+from cpu import build as c_build
+from cpu import dropout
 from kernel_checks import at_thread_counts, needs_kernels, portable_build
-from lora import dropout
 
 M64 = (1 << 64) - 1
 
