@@ -26,7 +26,7 @@ Two ways to compute the same numbers:
            so backward is one multiply by the incoming gradient and the logits are never recomputed:
            two lm_head matmuls per position (forward, ∂h) instead of three. Same numbers up to float
            rounding (tests/test_losses.py). Without gradients (a reference pass) no ∂h is made.
-           On the CPU, cpu.frozen_head_token_logps does the same in one C pass per row (cpu/losses.py).
+           On the CPU, cpu.token_logps_chunk does each chunk's softmax pass in C (cpu/losses.py).
 
 Shapes: B batch, T tokens, D hidden, V vocab, N response tokens in the batch, C chunk rows.
 """
@@ -114,12 +114,18 @@ class _FrozenHeadTokenLogps(torch.autograd.Function):
         wide = torch.promote_types(h.dtype, torch.float32)                    # softmax dtype, ≥ fp32
         token_logps = torch.empty(h.shape[0], dtype=wide, device=h.device)    # [N]
         dh = torch.empty_like(h) if need_grad else None                       # [N, D] ∂ log p(y)/∂h
+        fast = cpu.enabled("loss", h, lm_head_weight)
         for i in range(0, h.shape[0], chunk_size):
             rows, yc = slice(i, i + chunk_size), y[i:i + chunk_size, None]    # [C, 1]
-            logp = F.linear(h[rows], lm_head_weight).to(wide).log_softmax(-1)  # [C, V] log p
-            token_logps[rows] = logp.gather(-1, yc).squeeze(-1)                # [C] log p(y)
+            if fast:   # the same pass as one C sweep per row (cpu/losses.py)
+                token_logps[rows], p_minus_onehot = cpu.token_logps_chunk(h[rows], lm_head_weight, yc[:, 0],
+                                                                                   need_grad)
+            else:
+                logp = F.linear(h[rows], lm_head_weight).to(wide).log_softmax(-1)  # [C, V] log p
+                token_logps[rows] = logp.gather(-1, yc).squeeze(-1)            # [C] log p(y)
+                if need_grad:
+                    p_minus_onehot = logp.exp_().scatter_add_(-1, yc, torch.full_like(yc, -1, dtype=wide))
             if need_grad:
-                p_minus_onehot = logp.exp_().scatter_add_(-1, yc, torch.full_like(yc, -1, dtype=wide))
                 dh[rows] = -(p_minus_onehot.to(h.dtype) @ lm_head_weight)      # [C, D]
         ctx.save_for_backward(dh)
         return token_logps
@@ -144,8 +150,6 @@ def _response_token_logps_chunked(hidden, lm_head_weight, labels, chunk_size):
     h, y = hidden[mask], targets[mask]                                    # [N, D], [N]
     if not (lm_head_weight.requires_grad and torch.is_grad_enabled()):     # frozen head: ∂h in forward
         need_grad = h.requires_grad and torch.is_grad_enabled()
-        if cpu.enabled("loss", h, lm_head_weight):
-            return cpu.frozen_head_token_logps(h, lm_head_weight.detach(), y, need_grad, chunk_size), rows
         return _FrozenHeadTokenLogps.apply(h, lm_head_weight.detach(), y, need_grad, chunk_size), rows  # [N], [N]
     # ∂W too: recompute each chunk in backward. One empty chunk when N = 0, so the (empty) result stays
     # connected to hidden's graph.

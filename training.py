@@ -118,7 +118,7 @@ def compile_blocks(model, enabled: bool):
     """With `enabled` (the configs' compile) and the model on CUDA, torch.compile each decoder block in place:
     the torch code's elementwise passes (RMSNorm, rotary, SwiGLU, dropout) fuse into a few kernels, so fewer
     trips through GPU memory and fewer fp32 temporaries. On the CPU it is left eager (one line says so): the
-    CPU speed paths (c_build.py) do that work there."""
+    CPU speed paths (cpu/) do that work there."""
     if not enabled:
         return
     device = model.lm_head.weight.device

@@ -1,21 +1,25 @@
-"""Transient memory of the reference elementwise paths, measured on one OpenLLaMA 3B v2 block on the CPU with
+"""Transient memory of the plain elementwise paths, measured on one OpenLLaMA 3B v2 block on the CPU with
 BEZOAR_C_KERNELS=0.
 
-With the switch off, the CPU runs exactly the torch code that CUDA runs: RMSNormFunction's, RotaryFunction's
-and SwiGLUFunction's torch branches (model/llama.py), SDPA attention, LoRAFunction with cpu/dropout.py's
-counter-based mask in torch int64 ops, and NF4 dequantisation (lora/nf4.py). What is measured here is how
-much memory those paths need beyond their inputs and outputs, so that on a GPU they do not multiply the
-step's memory.
+With the switch off, the CPU runs the torch code that CUDA runs: RMSNorm.forward, apply_rotary and SwiGLU's
+F.silu(gate) · up (model/llama.py), SDPA attention, LoRALinear's base(x) + lora_B(lora_A(dropout(x))) · α/r
+(lora/layers.py) and NF4 dequantisation (lora/nf4.py), all differentiated by autograd. What is measured here
+is how much memory those paths need beyond their inputs and outputs, so that on a GPU they do not multiply
+the step's memory.
 
 The block: hidden 3200, 32 heads of head dim 100, MLP 8640 (model/config.py's openllama-3b-v2); NF4 base
 weights (lora.Linear4bit: blocks of 64, double quantisation), bf16 compute, bf16 norms, LoRA r 16, alpha 16,
 dropout 0.05 on q, k, v (lora.apply_lora, adapters in fp32); input x [B, T, 3200] bf16 with requires_grad,
-T = 2048. Cases, each in its own child process (--batches B for the pieces, --block-batches B for the block):
+T = --seq (2048). Cases, each in its own child process (--batches B for the pieces, --block-batches B for
+the block):
   rmsnorm  RMSNorm on x [B, T, 3200]: forward, backward (the weight frozen, as in training)
-  rotary   RotaryFunction on q [B, T, 32, 100] (a projection's output): forward, backward
-  swiglu   SwiGLUFunction on gate, up [B, T, 8640]: forward, backward (input: one [M, F] bf16 tensor)
-  dropout  dropout.select on a q/k/v input [B·T, 3200]: into a new tensor (LoRA's forward) and in place
-           (LoRA's backward selects ∂h A in place)
+  rotary   apply_rotary on q [B, 32, T, 100], the transposed view of a projection's output [B, T, 32, 100]
+           as Attention passes it: forward, backward
+  swiglu   F.silu(gate) · up on gate, up [B·T, 8640]: forward, backward (input: one [B·T, 8640] tensor)
+  dropout  F.dropout(p 0.05, training) on a q/k/v input [B·T, 3200] (LoRA's lora_dropout): forward,
+           backward. On the CPU torch composes it: noise = bernoulli(1 − p) / (1 − p) in x's dtype, x · noise,
+           the noise kept for backward; CUDA runs the fused native_dropout, which keeps a bool mask instead.
+           So this row is the CPU's dropout, not CUDA's.
   block    the whole block, forward and backward under activation checkpointing (torch.utils.checkpoint,
            use_reentrant=False, as Llama.hidden_states runs it), and one block's activations: what a forward
            without checkpointing keeps for backward (live bytes after it, less its output)
@@ -34,16 +38,16 @@ on its own and unmaps it when freed (RSS then follows the live buffers; it also 
 not see: oneDNN's and OpenMP's own buffers, code pages touched the first time). For the pieces the RSS run and
 the profiled run are separate calls after a warm-up call; for the block (minutes a call on this CPU: bf16
 matmuls without AMX or AVX-512 BF16 are slow) one call is measured both ways at once, after a warm-up at
-T = 64, so its RSS also counts the profiler's own records.
+T = min(64, T), so its RSS also counts the profiler's own records, and its times are that profiled call's.
 
-Times (ms) are medians of --repeat calls in a separate child without the fixed mmap threshold (which would
-make every large allocation a fresh mapping: a cost the old code, with more temporaries, would pay more).
+Times (ms) of the pieces are medians of --repeat calls in a separate child without the fixed mmap threshold
+(which makes every large allocation a fresh mapping, page faults included: a cost a training run does not pay).
 
---impls before,after: "before" runs the torch branches as they were before the chunked/in-place rewrite (the
-plain compositions, BEFORE below, patched into the classes and into cpu.dropout), "after" the code as it is.
-The two compute the same values (tests/test_reference_memory.py).
+The machine line is bench.machine.describe()'s, except that bf16 matmul is timed at 512³ instead of 2048³:
+at this CPU's ~0.3 GFLOP/s one 2048³ bf16 product takes about a minute, and describe() runs at least two
+(a warm-up and a timed one).
 
-    python bench/bench_block_memory.py [--batches 1,4] [--block-batches 1] [--impls before,after]
+    python bench/bench_block_memory.py [--batches 1,4] [--block-batches 1] [--seq 2048]
                                        [--pieces rmsnorm,rotary,swiglu,dropout] [--no-block] [--repeat 5]
 """
 import argparse
@@ -63,90 +67,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see bench_nf4.py: a shar
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.machine import describe, peak_rss_bytes, rss_bytes, run_child  # noqa: E402
+from bench.machine import matmul_gflops, peak_rss_bytes, rss_bytes, run_child  # noqa: E402
 from model.config import PRESETS  # noqa: E402
 
 CONFIG = PRESETS["openllama-3b-v2"]
-T = 2048
 R, ALPHA, DROPOUT = 16, 16, 0.05
 BF16 = torch.bfloat16
 MB = 1e6
 PIECES = ("rmsnorm", "rotary", "swiglu", "dropout")
+WARMUP_T = 64                                     # the block's warm-up length
 
 
-# --- the torch branches as they were before (the baseline of --impls before) ---------------------------
-
-def rmsnorm_forward_before(ctx, x, weight, eps):
-    xf = x.float()
-    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    ctx.save_for_backward(x, weight, r)
-    return weight * (xf * r).to(x.dtype)
-
-
-def rmsnorm_backward_before(ctx, grad_y):
-    x, weight, r = ctx.saved_tensors
-    xf = x.float()
-    grad_x = grad_w = None
-    if ctx.needs_input_grad[0]:
-        g = (grad_y * weight).float()
-        gx = torch.linalg.vecdot(g, xf).unsqueeze(-1)
-        grad_x = g.addcmul_(xf, r.square().mul_(gx).div_(-x.shape[-1])).mul_(r).to(x.dtype)
-    if ctx.needs_input_grad[1]:
-        grad_w = (grad_y * (xf * r).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-    return grad_x, grad_w, None
-
-
-def rotary_forward_before(ctx, x, cos, sin):
-    from model.llama import apply_rotary
-    ctx.save_for_backward(cos, sin)
-    return apply_rotary(x.transpose(1, 2), cos, sin).contiguous()
-
-
-def rotary_backward_before(ctx, grad_y):
-    from model.llama import apply_rotary
-    cos, sin = ctx.saved_tensors
-    return apply_rotary(grad_y, cos, -sin).transpose(1, 2), None, None
-
-
-def swiglu_forward_before(ctx, gate, up):
-    ctx.save_for_backward(gate, up)
-    return F.silu(gate) * up
-
-
-def swiglu_backward_before(ctx, grad_y):
-    gate, up = ctx.saved_tensors
-    g, u, dy = gate.float(), up.float(), grad_y.float()
-    s = torch.sigmoid(g)
-    return (dy * u * s * (1 + g * (1 - s))).to(gate.dtype), (dy * g * s).to(up.dtype)
-
-
-def uniforms_before(n, seed, device="cpu"):
-    from cpu.dropout import GAMMA, MIX, _shift_right, _signed
-    g = torch.arange(1, (n + 3) // 4 + 1, dtype=torch.int64, device=device)
-    z = g * _signed(GAMMA) + _signed(seed)
-    z = (z ^ _shift_right(z, 30)) * _signed(MIX[0])
-    z = (z ^ _shift_right(z, 27)) * _signed(MIX[1])
-    z = z ^ _shift_right(z, 31)
-    lanes = torch.stack([_shift_right(z, 16 * j) & 0xFFFF for j in range(4)], dim=-1)
-    return lanes.reshape(-1)[:n].to(torch.int32)
-
-
-def select_before(x, seed, p, out=None):
-    from cpu.dropout import threshold
-    out = torch.empty_like(x) if out is None else out
-    keep = (uniforms_before(x.numel(), seed, x.device) >= threshold(p)).view(x.shape)
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device), out=out)
-
-
-def use_before():
-    """Patch the plain compositions in (the Functions look forward/backward up at each call)."""
-    from cpu import dropout
-    from model.llama import RMSNormFunction, RotaryFunction, SwiGLUFunction
-    for cls, fwd, bwd in ((RMSNormFunction, rmsnorm_forward_before, rmsnorm_backward_before),
-                          (RotaryFunction, rotary_forward_before, rotary_backward_before),
-                          (SwiGLUFunction, swiglu_forward_before, swiglu_backward_before)):
-        cls.forward, cls.backward = staticmethod(fwd), staticmethod(bwd)
-    dropout.select = select_before
+def describe_quick() -> str:
+    """bench.machine.describe()'s line, with bf16 matmul timed at 512³ (see the module docstring)."""
+    return (f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+            f"matmul fp32 {matmul_gflops(torch.float32):.1f} GFLOP/s (2048³), "
+            f"bf16 {matmul_gflops(torch.bfloat16, n=512, seconds=0.5):.1f} GFLOP/s (512³)")
 
 
 # --- measuring --------------------------------------------------------------------------------------------
@@ -167,7 +103,7 @@ def quiet_stderr():
 
 def allocation_label(node) -> str:
     """Where a tensor was allocated: the innermost frame in this repository's code and the operator called
-    from it, e.g. "model/llama.py(300): backward · aten::sigmoid"."""
+    from it, e.g. "model/llama.py(48): forward · aten::mul"."""
     from torch._C._profiler import _EventType
     op, n = None, node.parent
     while n is not None:
@@ -242,44 +178,44 @@ def rand(*shape, seed, dtype=BF16, scale=1.0):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
 
 
-def case(name, B, Tn=T):
+def case(name, B, T):
     """(input bytes, [(phase, fn)], reset): the phases run in order after reset()."""
-    from cpu import dropout
-    from model.llama import RMSNorm, RotaryFunction, SwiGLUFunction, rotary_cos_sin
+    from model.llama import RMSNorm, apply_rotary, rotary_cos_sin
     D, H, Dh, Fw = CONFIG.hidden_size, CONFIG.num_attention_heads, CONFIG.head_dim, CONFIG.intermediate_size
     state = {}
-    cos, sin = rotary_cos_sin(torch.arange(Tn).expand(B, Tn), Dh, CONFIG.rope_theta, BF16)    # [B, 1, T, Dh]
+    cos, sin = rotary_cos_sin(torch.arange(T).expand(B, T), Dh, CONFIG.rope_theta, BF16)      # [B, 1, T, Dh]
     if name == "rmsnorm":
         norm = RMSNorm(D, CONFIG.rms_norm_eps).to(BF16).requires_grad_(False)
-        x, gy = rand(B, Tn, D, seed=1, scale=3).requires_grad_(), rand(B, Tn, D, seed=2)
+        x, gy = rand(B, T, D, seed=1, scale=3).requires_grad_(), rand(B, T, D, seed=2)          # [B, T, D]
         inputs = [x]
         phases = [("forward", lambda: state.update(y=norm(x))), ("backward", lambda: state["y"].backward(gy))]
     elif name == "rotary":
-        x, gy = rand(B, Tn, H, Dh, seed=1).requires_grad_(), rand(B, H, Tn, Dh, seed=2)
-        inputs = [x]
-        phases = [("forward", lambda: state.update(y=RotaryFunction.apply(x, cos, sin))),
+        q, gy = rand(B, T, H, Dh, seed=1).requires_grad_(), rand(B, H, T, Dh, seed=2)  # [B, T, H, Dh], [B, H, T, Dh]
+        inputs = [q]
+        phases = [("forward", lambda: state.update(y=apply_rotary(q.transpose(1, 2), cos, sin))),  # [B, H, T, Dh]
                   ("backward", lambda: state["y"].backward(gy))]
     elif name == "swiglu":
-        gate, up = rand(B, Tn, Fw, seed=1, scale=2).requires_grad_(), rand(B, Tn, Fw, seed=2).requires_grad_()
-        gy = rand(B, Tn, Fw, seed=3)
+        gate = rand(B * T, Fw, seed=1, scale=2).requires_grad_()                                 # [B·T, F]
+        up, gy = rand(B * T, Fw, seed=2).requires_grad_(), rand(B * T, Fw, seed=3)              # [B·T, F]
         inputs = [gate, up]
-        phases = [("forward", lambda: state.update(y=SwiGLUFunction.apply(gate, up))),
+        phases = [("forward", lambda: state.update(y=F.silu(gate) * up)),
                   ("backward", lambda: state["y"].backward(gy))]
     elif name == "dropout":
-        x, g = rand(B * Tn, D, seed=1), rand(B * Tn, D, seed=2)
+        x, gy = rand(B * T, D, seed=1).requires_grad_(), rand(B * T, D, seed=2)                 # [B·T, D]
         inputs = [x]
-        phases = [("select", lambda: state.update(y=dropout.select(x, 12345, DROPOUT))),
-                  ("select in place", lambda: dropout.select(g, 54321, DROPOUT, out=g))]
+        torch.manual_seed(0)                                                    # bernoulli's generator
+        phases = [("forward", lambda: state.update(y=F.dropout(x, DROPOUT, training=True))),
+                  ("backward", lambda: state["y"].backward(gy))]
     elif name == "block":
         from torch.utils.checkpoint import checkpoint
         block = build_block()
-        x, gy = rand(B, Tn, D, seed=1).requires_grad_(), rand(B, Tn, D, seed=2)
+        x, gy = rand(B, T, D, seed=1).requires_grad_(), rand(B, T, D, seed=2)                   # [B, T, D]
         inputs = [x]
         phases = [("forward (checkpointed)",
                    lambda: state.update(y=checkpoint(block, x, cos, sin, None, None, use_reentrant=False))),
                   ("backward (recompute + backward)", lambda: state["y"].backward(gy))]
     else:
-        raise SystemExit(f"unknown case {name!r}")
+        raise SystemExit(f"unknown case {name!r}; expected one of {', '.join(PIECES)}, block")
 
     def reset():
         for t in inputs:
@@ -299,8 +235,7 @@ def build_block():
     if _BLOCK:
         return _BLOCK[0]
     import torch.nn as nn
-    from lora import apply_lora
-    from lora.layers import Linear4bit
+    from lora import Linear4bit, apply_lora
     from model.llama import Block
     with torch.device("meta"):
         block = Block(CONFIG, 0)
@@ -318,39 +253,37 @@ def build_block():
     return block
 
 
-def activations(B):
+def activations(B, T):
     """(bytes, forward peak): what one block keeps for backward without checkpointing (live after its forward,
     less its output), and the peak of that forward above its start."""
     from model.llama import rotary_cos_sin
     block = build_block()
-    x = rand(B, T, CONFIG.hidden_size, seed=1).requires_grad_()
+    x = rand(B, T, CONFIG.hidden_size, seed=1).requires_grad_()                                 # [B, T, D]
     cos, sin = rotary_cos_sin(torch.arange(T).expand(B, T), CONFIG.head_dim, CONFIG.rope_theta, BF16)
     kept = {}
     peak, end, _ = live_bytes_during(lambda: kept.update(y=block(x, cos, sin, None)))
     return end - kept["y"].numel() * kept["y"].element_size(), peak
 
 
-def child_memory(name, impl, B):
-    if impl == "before":
-        use_before()
+def child_memory(name, B, T):
     out = {"phases": {}}
     if name == "block":
-        size, phases, reset = case(name, B, Tn=64)            # warm-up at a short length: lazy set-ups
+        size, phases, reset = case(name, B, min(T, WARMUP_T))   # warm-up at a short length: lazy set-ups
         for _, fn in phases:
             fn()
         reset()
-        size, phases, reset = case(name, B)
+        size, phases, reset = case(name, B, T)
         for phase, fn in phases:
             t0, cpu0, r = time.perf_counter(), time.process_time(), {}
             rss = rss_during(lambda: r.update(alloc=live_bytes_during(fn, top=8)))
             peak, end, at_peak = r["alloc"]
             out["phases"][phase] = {"alloc": [peak, end], "rss": list(rss), "at_peak": at_peak,
-                                    "s": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0}
+                                    "ms": [(time.perf_counter() - t0) * 1e3, (time.process_time() - cpu0) * 1e3]}
         reset()
         del phases
-        out["activations"], out["activations_forward_peak"] = activations(B)
+        out["activations"], out["activations_forward_peak"] = activations(B, T)
     else:
-        size, phases, reset = case(name, B)
+        size, phases, reset = case(name, B, T)
         for _, fn in phases:                                   # warm-up
             fn()
         reset()
@@ -364,12 +297,10 @@ def child_memory(name, impl, B):
     return out
 
 
-def child_time(name, impl, B, repeat):
+def child_time(name, B, T, repeat):
     """{phase: [wall ms, CPU ms]}, medians over `repeat` rounds after one warm-up round. CPU time (all threads)
     is the steadier figure on a machine shared with other work."""
-    if impl == "before":
-        use_before()
-    size, phases, reset = case(name, B)
+    size, phases, reset = case(name, B, T)
     times = {phase: [] for phase, _ in phases}
     for _ in range(repeat + 1):
         reset()
@@ -395,32 +326,52 @@ def run(kind, *args, fixed_mmap=False):
 
 
 def fmt(bytes_, size):
-    return "—" if bytes_ is None else f"{bytes_ / size:5.2f}× {bytes_ / MB:7.1f} MB"
+    """'4.00×, 52.4' (× the input, MB), or — where there is no figure."""
+    return "—" if bytes_ is None else f"{bytes_ / size:.2f}×, {bytes_ / MB:.1f}"
+
+
+TABLE = ("| piece | phase | transient (× input, MB) | RSS transient (× input) | wall ms | CPU ms |\n"
+         "|---|---|---|---|---|---|")
+
+
+def row(name, phase, mem, size, ms):
+    rss = transient(*mem["rss"])
+    return (f"| {name} | {phase} | {fmt(transient(*mem['alloc']), size)} | "
+            f"{'—' if rss is None else f'{rss / size:.2f}×'} | {ms[0]:.1f} | {ms[1]:.1f} |")
+
+
+def batches(s):
+    return [int(b) for b in s.split(",") if b]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batches", default="1,4", help="micro-batch sizes B (× 2048 tokens) for the pieces ('': none)")
+    p.add_argument("--batches", default="1,4", help="micro-batch sizes B for the pieces ('': none)")
     p.add_argument("--block-batches", default="1", help="micro-batch sizes for the whole block ('': none)")
-    p.add_argument("--impls", default="before,after")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence T (2048: the recipe's)")
     p.add_argument("--pieces", default=",".join(PIECES))
     p.add_argument("--no-block", action="store_true")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=5, help="timed calls per piece (medians)")
     p.add_argument("--save", help="also write every child's result to this JSON file")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        kind, name, impl, B, *rest = args.child
-        result = (child_memory(name, impl, int(B)) if kind == "memory"
-                  else child_time(name, impl, int(B), int(rest[0])))
+        kind, name, B, T, *rest = args.child
+        result = (child_memory(name, int(B), int(T)) if kind == "memory"
+                  else child_time(name, int(B), int(T), int(rest[0])))
         print(json.dumps(result))
         return
+    T, pieces = args.seq, [n for n in args.pieces.split(",") if n]
+    for name in pieces:
+        if name not in PIECES:
+            raise SystemExit(f"--pieces: unknown piece {name!r}; expected some of {', '.join(PIECES)}")
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat is {args.repeat}, expected at least 1")
 
-    print(describe(), flush=True)
+    print(describe_quick(), flush=True)
     print(f"BEZOAR_C_KERNELS=0; OpenLLaMA 3B v2 block: D {CONFIG.hidden_size}, {CONFIG.num_attention_heads} heads × "
           f"{CONFIG.head_dim}, F {CONFIG.intermediate_size}, T {T}; NF4 (64, double quant), bf16, LoRA r {R} "
           f"alpha {ALPHA} dropout {DROPOUT} on q, k, v", flush=True)
-    impls = args.impls.split(",")
     saved = {}
 
     def save(key, value):
@@ -430,41 +381,36 @@ def main():
                 json.dump(saved, f, indent=1)
         return value
 
-    for B in [int(b) for b in args.batches.split(",") if b]:
+    for B in (batches(args.batches) if pieces else []):
         print(f"\nB × T = {B} × {T}. Transient: peak live tensor bytes beyond those live before and after the call "
               f"(profiler), × the piece's input and MB; RSS: the same from VmHWM; ms: wall and CPU (all threads), "
-              f"medians of {args.repeat}", flush=True)
-        print(f"{'piece':<8} {'phase':<16} " + "  ".join(f"{i + ' transient':>21}" for i in impls)
-              + f"  {'RSS':>13}  {'wall ms':>15}  {'CPU ms':>15}")
-        for name in [n for n in args.pieces.split(",") if n]:
-            mem = {i: save(f"memory {name} {i} {B}", run("memory", name, i, B, fixed_mmap=True)) for i in impls}
-            ms = {i: save(f"time {name} {i} {B}", run("time", name, i, B, args.repeat)) for i in impls}
-            size = mem[impls[0]]["input_bytes"]
-            for phase in mem[impls[0]]["phases"]:
-                alloc = "  ".join(f"{fmt(transient(*mem[i]['phases'][phase]['alloc']), size):>21}" for i in impls)
-                rss = " / ".join("—" if (t := transient(*mem[i]["phases"][phase]["rss"])) is None else
-                                 f"{t / size:.2f}×" for i in impls)
-                wall = " / ".join(f"{ms[i][phase][0]:.1f}" for i in impls)
-                cpu = " / ".join(f"{ms[i][phase][1]:.1f}" for i in impls)
-                print(f"{name:<8} {phase:<16} {alloc}  {rss:>13}  {wall:>15}  {cpu:>15}", flush=True)
-            print(f"{'':<8} (input {size / MB:.1f} MB)", flush=True)
+              f"medians of {args.repeat}\n\n{TABLE}", flush=True)
+        sizes = []
+        for name in pieces:
+            mem = save(f"memory {name} {B} {T}", run("memory", name, B, T, fixed_mmap=True))
+            ms = save(f"time {name} {B} {T}", run("time", name, B, T, args.repeat))
+            size = mem["input_bytes"]
+            sizes.append(f"{name} {size / MB:.1f} MB")
+            for phase, m in mem["phases"].items():
+                print(row(name, phase, m, size, ms[phase]), flush=True)
+        print(f"\ninputs: {'; '.join(sizes)}", flush=True)
     if args.no_block:
         return
-    for B in [int(b) for b in args.block_batches.split(",") if b]:
-        print(f"\nwhole block, B × T = {B} × {T}, one call of each phase (its RSS also counts the profiler's "
-              f"records); x is {B * T * CONFIG.hidden_size * 2 / MB:.1f} MB", flush=True)
-        for i in impls:
-            r = save(f"memory block {i} {B}", run("memory", "block", i, B, fixed_mmap=True))
-            size = r["input_bytes"]
-            for phase, m in r["phases"].items():
-                print(f"  {i:<6} {phase:<32} transient {fmt(transient(*m['alloc']), size)}; peak "
-                      f"{m['alloc'][0] / MB:.1f} MB above the start, end {m['alloc'][1] / MB:+.1f} MB; RSS transient "
-                      f"{fmt(transient(*m['rss']), size)}; {m['s']:.0f} s ({m['cpu_s']:.0f} CPU s)", flush=True)
-                print("         live at the peak, allocated during the call: " + "; ".join(
-                    f"{label} {nbytes / MB:.1f} MB" for label, nbytes in m["at_peak"]), flush=True)
-            print(f"  {i:<6} one block's activations (what a forward without checkpointing keeps): "
-                  f"{r['activations'] / MB:.1f} MB = {r['activations'] / size:.1f}× x (that forward's peak "
-                  f"{r['activations_forward_peak'] / MB:.1f} MB above its start)", flush=True)
+    for B in batches(args.block_batches):
+        print(f"\nwhole block, B × T = {B} × {T}, one call of each phase after a warm-up at T = {min(T, WARMUP_T)} "
+              f"(its RSS also counts the profiler's records; ms: that profiled call's)\n\n{TABLE}", flush=True)
+        r = save(f"memory block {B} {T}", run("memory", "block", B, T, fixed_mmap=True))
+        size = r["input_bytes"]
+        for phase, m in r["phases"].items():
+            print(row("block", phase, m, size, m["ms"]), flush=True)
+        print(f"\nx is {size / MB:.1f} MB", flush=True)
+        for phase, m in r["phases"].items():
+            print(f"- {phase}: peak {m['alloc'][0] / MB:.1f} MB above the start, end {m['alloc'][1] / MB:+.1f} MB; "
+                  f"live at the peak, allocated during the call: " + "; ".join(
+                      f"{label} {nbytes / MB:.1f} MB" for label, nbytes in m["at_peak"]), flush=True)
+        print(f"- one block's activations (what a forward without checkpointing keeps): "
+              f"{r['activations'] / MB:.1f} MB = {r['activations'] / size:.1f}× x (that forward's peak "
+              f"{r['activations_forward_peak'] / MB:.1f} MB above its start)", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 
 from cpu import block, build, dropout, losses, nf4
 from cpu.block import causal_attention, rms_norm, rotary, swiglu
-from cpu.losses import frozen_head_token_logps
+from cpu.losses import token_logps_chunk
 from cpu.lora import lora_linear
 from cpu.nf4 import dequantize_nf4, nf4_linear, nf4_linear_grad_input
 

@@ -68,7 +68,7 @@ def cpu_flags() -> str:
 
 def source_text(source: str) -> bytes:
     """The bytes of a C file and of the project headers it includes (#include "..."), for the cache key: a
-    change to c_kernels.h rebuilds every kernel that includes it."""
+    change to kernels.h rebuilds every kernel that includes it."""
     with open(source, "rb") as f:
         text = f.read()
     for name in re.findall(rb'^\s*#include\s+"([^"]+)"', text, flags=re.M):

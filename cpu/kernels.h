@@ -1,4 +1,4 @@
-/* What the project's C kernels share (c_build.py builds them; each includes this file once): bf16 ↔ fp32,
+/* What the project's C kernels share (cpu/build.py builds them; each includes this file once): bf16 ↔ fp32,
  * an exponential without library calls, and, where the CPU has AVX-512, the same on 16 lanes.
  * Every function here is static inline: each kernel library gets its own copy, and no symbol is exported. */
 #ifndef BEZOAR_C_KERNELS_H

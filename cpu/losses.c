@@ -5,9 +5,9 @@
  *     z_v ← round(p_v − [v = y]),   p_v = e^(z_v − m) / s          (∂ log p(y) / ∂z = onehot(y) − p, negated)
  * in place (the last step only with write_grad), in three sweeps over a row that stays in cache (32000 values: 64 KB in bf16), where the torch code
  * makes a widened fp32 copy, a softmax, a scatter and a narrowing copy, each over the whole [C, V] chunk.
- * e^x is exp_poly (c_kernels.h: within 2 fp32 ulps); s is summed in 16 fp32 lanes (one fp64 sum without AVX-512,
+ * e^x is exp_poly (kernels.h: within 2 fp32 ulps); s is summed in 16 fp32 lanes (one fp64 sum without AVX-512,
  * where one fp32 sum of 32000 terms drifts by 6e-5); log s is libm's log, once a row. Rows are split between
- * `threads` OpenMP threads (c_build.py: torch's own pool).
+ * `threads` OpenMP threads (cpu/build.py: torch's own pool).
  */
 #include "kernels.h"                            /* from_bf16, to_bf16, exp_poly, the 16-lane forms */
 

@@ -5,7 +5,8 @@ targets, exponentiates, subtracts the one-hot targets and narrows back for ∂h 
 passes over the chunk, each a fresh C × V buffer. Here the C kernel (cpu/losses.c) makes three sweeps per
 row, each over a row that stays in cache, in place in one [C, V] logits buffer reused by every chunk (a
 fresh buffer that size is fresh pages from the kernel each time, whose faults cost more than the work).
-losses.py's _FrozenHeadTokenLogps is the plain code it is held to (tests/cpu/test_losses_cpu.py).
+losses.py's _FrozenHeadTokenLogps calls it per chunk; its plain branch is the code this is held to
+(tests/cpu/test_losses_cpu.py).
 """
 import ctypes
 import os
@@ -31,31 +32,18 @@ def token_logp_grad(z, y, logp, write_grad: bool = True):
     return logp
 
 
-class FrozenHeadTokenLogps(torch.autograd.Function):
-    """losses._FrozenHeadTokenLogps with the C kernel: the same values up to float rounding."""
-
-    @staticmethod
-    def forward(ctx, h, lm_head_weight, y, need_grad, chunk_size):            # [N, D], [V, D], [N]
-        (N, D), V = h.shape, lm_head_weight.shape[0]
-        C = max(1, min(chunk_size, N))
-        z = h.new_empty(C, V)                                                 # [C, V] logits, then p − onehot
-        token_logps = torch.empty(N, dtype=torch.float32, device=h.device)    # [N]
-        dh = h.new_empty(N, D) if need_grad else None                         # [N, D] ∂ log p(y)/∂h
-        for i in range(0, N, C):
-            n = min(C, N - i)
-            torch.mm(h[i:i + n], lm_head_weight.t(), out=z[:n])               # z = h Wᵀ in h's dtype
-            token_logp_grad(z[:n], y[i:i + n], token_logps[i:i + n], need_grad)   # z ← p − onehot(y)
-            if need_grad:
-                torch.mm(z[:n], lm_head_weight, out=dh[i:i + n]).neg_()       # [n, D]
-        ctx.save_for_backward(dh)
-        return token_logps
-
-    @staticmethod
-    def backward(ctx, grad):                                                   # [N]
-        (dh,) = ctx.saved_tensors                                              # [N, D]
-        return (dh * grad[:, None]).to(dh.dtype), None, None, None, None       # [N, D]
+_buffers = {}   # dtype → the [C, V] logits buffer every chunk reuses (fresh pages would cost more than the work)
 
 
-def frozen_head_token_logps(h, lm_head_weight, y, need_grad: bool, chunk_size: int):
-    """log p(y) [N] fp32 for h [N, D] and a frozen lm_head [V, D] of h's dtype (fp32 or bf16)."""
-    return FrozenHeadTokenLogps.apply(h.contiguous(), lm_head_weight.contiguous(), y, need_grad, chunk_size)
+def token_logps_chunk(h, lm_head_weight, y, need_grad: bool):
+    """One chunk of losses._FrozenHeadTokenLogps.forward: for h [n, D], lm_head [V, D] (one dtype, fp32 or
+    bf16) and targets y [n], returns log p(y) [n] fp32 and, with need_grad, p − onehot(y) [n, V] in h's
+    dtype (a view of a buffer the next call overwrites). z = h Wᵀ goes straight into that buffer."""
+    (n, D), V = h.shape, lm_head_weight.shape[0]
+    z = _buffers.get(h.dtype)
+    if z is None or z.shape[0] < n or z.shape[1] != V:
+        z = _buffers[h.dtype] = h.new_empty(n, V)
+    z = z[:n]                                                             # [n, V]
+    torch.mm(h, lm_head_weight.t(), out=z)                                # z = h Wᵀ in h's dtype
+    logp = token_logp_grad(z, y, torch.empty(n, dtype=torch.float32), need_grad)   # z ← p − onehot(y)
+    return logp, z

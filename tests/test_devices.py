@@ -113,7 +113,7 @@ def test_a_decoding_row_goes_through_bitsandbytes_4bit_matvec_where_it_is_usable
     calls = []
     real = bitsandbytes.matmul_4bit
     monkeypatch.setattr(bitsandbytes, "matmul_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(layers, "_bitsandbytes", lambda q: True)
+    monkeypatch.setattr(layers, "on_bitsandbytes", lambda q: True)
     with torch.no_grad():
         got = layer(x)
         assert calls == [1] and torch.equal(got, want)

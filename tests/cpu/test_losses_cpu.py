@@ -1,4 +1,4 @@
-"""The C kernel of the frozen-lm_head loss's softmax (losses_kernel.c via losses_cpu.py) against the formulas in
+"""The C kernel of the frozen-lm_head loss's softmax (cpu/losses.c via cpu/losses.py) against the formulas in
 fp64 and against losses.py's torch path."""
 import pytest
 import torch

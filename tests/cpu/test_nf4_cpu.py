@@ -182,7 +182,7 @@ def test_the_kernels_run_on_torchs_own_openmp_runtime():
         pytest.skip("the runtime check reads /proc/self/maps and applies to torch built with GNU OpenMP")
     with open("/proc/self/maps") as f:
         runtimes = {line.split()[-1] for line in f if line.split()[-1].rsplit("/", 1)[-1].startswith("libgomp.so")}
-    assert len(runtimes) == 1 and os.path.dirname(torch.__file__) in runtimes.pop(), runtimes
+    assert len(runtimes) == 1 and os.path.dirname(os.path.realpath(torch.__file__)) in runtimes.pop(), runtimes
 
 
 def test_a_forked_child_with_one_thread_dequantizes_after_its_parent_ran_threads(monkeypatch):
