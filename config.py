@@ -17,10 +17,17 @@ Field types come from the annotations: int, float, str, bool, Literal[...], Opti
   - Help text is the field's comment in the dataclass source: the comment lines right above a field
     and the comment after it, continued on comment lines indented further (field(metadata={"help":
     ...}) works too). `--help` prints every field with its type, default and that text.
+  - A TOML value must have the field's TOML type: `lr = "2e-3"` (a string) is an error, not 0.002. Only
+    the command line's text is converted (and "none" for an Optional, in both).
+  - Ranges: a config class may list allowed values as RANGES = {field: interval}, "(0, inf)" for > 0,
+    "[0, 1)" for 0 ≤ x < 1, …; a number outside it, NaN or ±inf is an error (a list or tuple: each item).
 Every error is one line naming the file (or `command line`) and the key, e.g.
     configs/tiny.toml: unknown key 'lr_sheduler' (valid: lr, warmup_steps, ...)
     configs/tiny.toml: key 'lr' is 'abc', expected float
+    configs/tiny.toml: key 'lr' is -0.002, expected a finite number > 0
 and load_config raises it as SystemExit(message), so scripts stop with that line and no traceback.
+run_cli(main) does the same for the errors a script meets later (a missing data file, a bad record): every
+command-line script ends with `if __name__ == "__main__": run_cli(main)`.
 
 Who uses this, and who uses argparse. A config here is a recipe: train_sft.py, train_dpo.py, toy/base.py and
 `evaluate.py harness` have many settings, each commented with the value the paper (or lm-eval) uses,
@@ -39,10 +46,12 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import textwrap
 import tokenize
 import tomllib
+import traceback
 import types
 import typing
 
@@ -82,18 +91,26 @@ def _type_name(tp):
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value, tp, source, key):
-    """Return value (from TOML, or a string from the command line) as type tp, or raise ValueError."""
+def _convert(value, tp, source, key, from_text=False):
+    """Return value as type tp, or raise ValueError. from_text: value is the command line's text, to be
+    parsed; otherwise it comes from TOML and must already have the type (no string → number)."""
     def bad():
         shown = value if isinstance(value, str) else json.dumps(value, default=str)
-        return ValueError(f"{source}: key '{key}' is '{shown}', expected {_type_name(tp)}")
+        quoted = ""
+        if isinstance(value, str) and not from_text and (_optional_of(tp) or tp) in (int, float):
+            try:
+                float(value)
+                quoted = ", a string (TOML: write the number without quotes)"
+            except ValueError:
+                pass
+        return ValueError(f"{source}: key '{key}' is '{shown}'{quoted}, expected {_type_name(tp)}")
 
-    text = isinstance(value, str)
+    text = from_text and isinstance(value, str)
     if (inner := _optional_of(tp)) is not None:
-        if text and value.strip().lower() in ("none", "null"):
+        if isinstance(value, str) and value.strip().lower() in ("none", "null"):   # TOML has no null
             return None
         try:
-            return _convert(value, inner, source, key)
+            return _convert(value, inner, source, key, from_text)
         except ValueError:
             if dataclasses.is_dataclass(inner) or _list_of(inner) is not None:
                 raise
@@ -106,7 +123,8 @@ def _convert(value, tp, source, key):
         items = [v.strip() for v in value.split(",")] if text else value
         if not isinstance(items, list) or len(items) != len(typing.get_args(tp)):
             raise bad()
-        return tuple(_convert(v, t, source, f"{key}[{i}]") for i, (v, t) in enumerate(zip(items, typing.get_args(tp))))
+        return tuple(_convert(v, t, source, f"{key}[{i}]", from_text)
+                     for i, (v, t) in enumerate(zip(items, typing.get_args(tp))))
     if (item := _list_of(tp)) is not None:
         if dataclasses.is_dataclass(item):
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -116,7 +134,7 @@ def _convert(value, tp, source, key):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise bad()
-        return [_convert(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_convert(v, item, source, f"{key}[{i}]", from_text) for i, v in enumerate(value)]
     if typing.get_origin(tp) is typing.Literal:
         choices = {str(c) if text else c: c for c in typing.get_args(tp)}   # --bits 4 matches Literal[4, 8]
         if value not in choices:
@@ -130,17 +148,42 @@ def _convert(value, tp, source, key):
             return words[value.strip().lower()]
         raise bad()
     if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (tp is int and isinstance(value, float)):
+        if (isinstance(value, bool) or not isinstance(value, (int, float, str)) or (isinstance(value, str) and not text)
+                or (tp is int and isinstance(value, float))):
             raise bad()
         try:
             return tp(value.strip() if text else value)
         except ValueError:
             raise bad() from None
     if tp is str:
-        if text:
+        if isinstance(value, str):
             return value
         raise bad()
     raise TypeError(f"{key}: config type {tp} is not supported")
+
+
+def _range_text(spec, tp):
+    """'(0, inf)' → 'a finite number > 0'; '[1, inf)' for an int → 'an integer ≥ 1'; '[0, 1)' → 'a number in
+    [0, 1)'."""
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    kind = "an integer" if tp is int else "a finite number" if math.isinf(hi) else "a number"
+    if math.isinf(hi):
+        return f"{kind} {'>' if spec[0] == '(' else '≥'} {lo:g}"
+    return f"{kind} in {spec}"
+
+
+def _check_range(cls, name, value, source, key):
+    """ValueError naming source and key unless value (each item of a list or tuple) lies in cls.RANGES[name]."""
+    spec = getattr(cls, "RANGES", {}).get(name)
+    if spec is None or value is None:
+        return
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+    for i, v in items:
+        inside = (lo < v if spec[0] == "(" else lo <= v) and (v < hi if spec[-1] == ")" else v <= hi)
+        if not (math.isfinite(v) and inside):
+            where = key if i is None else f"{key}[{i}]"
+            raise ValueError(f"{source}: key '{where}' is {v}, expected {_range_text(spec, type(v))}")
 
 
 def _unknown(source, key, cls, flag=False):
@@ -160,6 +203,7 @@ def _from_table(cls, table, source, prefix="", base=None):
             kwargs[key] = _from_table(tp, value, source, prefix + key + ".", base=kwargs[key])
         else:
             kwargs[key] = _convert(value, tp, source, prefix + key)
+            _check_range(cls, key, kwargs[key], source, prefix + key)
     required = [f.name for f in _fields(cls) if f.name not in kwargs
                 and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if required:
@@ -189,7 +233,9 @@ def _set_flag(cfg, dotted, text):
                 field_path = f"--{dotted}.FIELD" if dataclasses.is_dataclass(tp) else f"--{dotted}.N.FIELD"
                 raise ValueError(f"{source}: flag '--{dotted}' names a table; set its fields ({field_path}) "
                                  f"or write it in the TOML file")
-            setattr(obj, part, _convert(text, tp, source, dotted))
+            value = _convert(text, tp, source, dotted, from_text=True)
+            _check_range(type(obj), part, value, source, dotted)
+            setattr(obj, part, value)
         else:
             obj = getattr(obj, part)
 
@@ -246,6 +292,36 @@ def load_config(cls, argv=None, prog=None):
         return _rebuild(cfg)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(argv) as a command and exit with its status (None: 0). The errors bezoar raises
+    for bad input, ValueError and OSError (a missing or unreadable file), end the run with their one line
+    on stderr and status 1, as SystemExit messages do; `--debug` anywhere on the command line (removed
+    before main sees it) shows the traceback as well. Anything else is a bug and keeps its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        status = main(argv)
+    except SystemExit as e:
+        if debug and not isinstance(e.code, (int, type(None))):
+            traceback.print_exc()
+        raise
+    except (ValueError, OSError) as e:
+        if debug:
+            raise
+        raise SystemExit(" ".join(str(e).splitlines()) or type(e).__name__) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    # Everything is done and saved: a SIGINT or SIGTERM now would only make the interpreter's exit look
+    # like a failure (status −15), so they are ignored for the last moments.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise SystemExit(status or 0)
 
 
 # --- help text from the source's comments --------------------------------------------------------

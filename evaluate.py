@@ -9,6 +9,8 @@ Each subcommand lives in one module of evals/; `python evaluate.py SUBCOMMAND --
 """
 import sys
 
+from config import run_cli
+
 USAGE = "usage: python evaluate.py {harness,mt-bench,mt-bench-show,report} ..."
 
 
@@ -33,4 +35,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -14,6 +14,14 @@ the one script that owns it). The writer opens the temp file itself, so its perm
 any new file's do. write_text_atomic and write_jsonl_atomic are atomic_write for the two formats most callers
 write.
 
+One run per folder. `with lock_folder(folder):` holds <folder>/.lock, a file holding "pid host started" made
+with O_CREAT | O_EXCL (of two processes, exactly one creates it) and removed on the way out (normal end,
+exception, SystemExit). A second run on the folder stops at once with one line naming the folder and the
+holder. A lock whose pid is no longer running on this host (SIGKILL, a power cut) is stale: it is taken
+over with a one-line notice. Lock takers hold an flock on the folder while they look (the kernel drops it if
+one dies), so two of them cannot both take over one stale lock. remove_stale_temp(folder) then deletes the
+`.NAME.tmp-PID` files and folders that a killed writer (model/loading.py's checkpoint folders) left behind.
+
 Not here: files appended record by record (synth/records.py AppendLog, training.MetricsLogger) and whole
 folders published by one rename (model/loading.py's checkpoint folders, a stage's merged/, toy/base.py's
 base), which are built in a temporary folder and renamed once complete; download.py's NAME.part, kept across
@@ -28,9 +36,16 @@ with the number of bad lines skipped.
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
 import gzip
 import json
 import os
+import re
+import shutil
+import socket
+import sys
+from contextlib import contextmanager
 
 
 # --- writing -----------------------------------------------------------------------------------------
@@ -83,6 +98,83 @@ def write_jsonl_atomic(path, records):
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return atomic_write(path, write)
+
+
+# --- one run per folder ----------------------------------------------------------------------------
+
+def pid_alive(pid: int) -> bool:
+    """True if process `pid` exists on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                              # another user's process: alive
+        return True
+    return True
+
+
+@contextmanager
+def lock_folder(folder, output=None):
+    """Hold the lock of `folder` (created if missing) for the `with` block: <folder>/.lock, or, with `output`
+    (a file name in folder, for scripts that each write one file of a shared folder), <folder>/.<output>.lock.
+    SystemExit with one line if a running process holds it; see the module docstring."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    subject = os.path.join(folder, output) if output else folder
+    lock = os.path.join(folder, f".{output}.lock" if output else ".lock")
+    me = f"{os.getpid()} {socket.gethostname()} {datetime.datetime.now().isoformat(timespec='seconds')}\n"
+    guard = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX)                # held while looking; released below
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            with open(lock, encoding="utf-8", errors="replace") as f:
+                holder = f.read().split()
+            pid = int(holder[0]) if holder and holder[0].isdigit() else None
+            host = holder[1] if len(holder) > 1 else "?"
+            if pid is not None and (host != socket.gethostname() or (pid != os.getpid() and pid_alive(pid))):
+                since = f" since {holder[2]}" if len(holder) > 2 else ""
+                elsewhere = "; another host, so it cannot be checked from here" if host != socket.gethostname() else ""
+                raise SystemExit(f"{subject}: in use by pid {pid} on {host}{since} ({lock}{elsewhere}); wait for "
+                                 f"that run to end or use another folder") from None
+            print(f"{subject}: taking over the lock of pid {pid if pid is not None else '?'} on {host}, which is "
+                  f"no longer running", file=sys.stderr, flush=True)
+            os.remove(lock)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(me)
+    finally:
+        os.close(guard)                                  # closing drops the flock
+    try:
+        yield lock
+    finally:
+        try:
+            with open(lock, encoding="utf-8") as f:
+                ours = f.read() == me
+            if ours:
+                os.remove(lock)
+        except FileNotFoundError:
+            pass
+
+
+def remove_stale_temp(folder):
+    """Delete what killed writers left in `folder`: `.NAME.tmp-PID` files or folders whose PID is no longer
+    running (model/loading.py builds a checkpoint folder as one, then renames it), each with a notice on
+    stderr. Call while holding the folder's lock, so no live run of this folder is writing one."""
+    if not os.path.isdir(folder):
+        return
+    for name in sorted(os.listdir(folder)):
+        match = re.fullmatch(r"\..+\.tmp-(\d+)", name)
+        if not match or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(folder, name)
+        print(f"{path}: removing what pid {match.group(1)} left there (killed before it finished writing)",
+              file=sys.stderr, flush=True)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 # --- reading -----------------------------------------------------------------------------------------

@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
 from chat_api import add_endpoint_args, client_from_args, completed_jobs
-from files import check_fields, read_jsonl, write_jsonl_atomic
+from config import run_cli
+from files import check_fields, lock_folder, read_jsonl, write_jsonl_atomic
 from synth.records import RECORD_FIELDS, AppendLog
 
 PROMPTS = Path(__file__).with_name("synth") / "prompts"
@@ -135,6 +135,12 @@ def released_record(row: dict, rating_column: str, where: str, default_id: str) 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out = Path(args.out)
+    with lock_folder(out.parent, output=out.name):   # one run per --out; a second stops here (files.py)
+        return judge_and_filter(args)
+
+
+def judge_and_filter(args) -> int:
     released = args.rating_column is not None
 
     # --- inputs -----------------------------------------------------------------------------------
@@ -223,4 +229,4 @@ def _counts(c: Counter) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

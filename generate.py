@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 
 from chat_api import ChatAPIError, add_endpoint_args, client_from_args, completed_jobs
-from files import read_jsonl, write_jsonl_atomic
+from config import run_cli
+from files import lock_folder, read_jsonl, write_jsonl_atomic
 from synth import evol_instruct, lamini, orca
 from synth.records import AppendLog, read_lines
 
@@ -203,24 +203,25 @@ def run_orca(args, client) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    client = client_from_args(args, "generator")  # takes the key out of args
-    print(f"generate: {json.dumps(vars(args))}")
-    print(repr(client))
-    try:
-        if args.scheme == "lamini":
-            status = run_lamini(args, client)
-        elif args.scheme == "evol":
-            status = run_evol(args, client)
-        else:
-            status = run_orca(args, client)
-    finally:
-        print(client.summary())
-        client.close()
-    if status == 0:                                   # every job done: the files in id order from now on
-        out = Path(args.out)
-        for path in (out, out.with_suffix(".instructions.jsonl"), out.with_suffix(".eliminated.jsonl")):
-            if path.exists():
-                sort_by_id(path)
+    out = Path(args.out)
+    with lock_folder(out.parent, output=out.name):   # one run per --out; a second stops here (files.py)
+        client = client_from_args(args, "generator")  # takes the key out of args
+        print(f"generate: {json.dumps(vars(args))}")
+        print(repr(client))
+        try:
+            if args.scheme == "lamini":
+                status = run_lamini(args, client)
+            elif args.scheme == "evol":
+                status = run_evol(args, client)
+            else:
+                status = run_orca(args, client)
+        finally:
+            print(client.summary())
+            client.close()
+        if status == 0:                               # every job done: the files in id order from now on
+            for path in (out, out.with_suffix(".instructions.jsonl"), out.with_suffix(".eliminated.jsonl")):
+                if path.exists():
+                    sort_by_id(path)
     return status
 
 
@@ -235,4 +236,4 @@ def sort_by_id(path: Path):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

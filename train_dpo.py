@@ -48,7 +48,8 @@ Data parallel (torchrun --nproc_per_node=N; gloo on CPU, NCCL on GPU), checkpoin
 train_sft.py: rank r takes its consecutive run of micro-batches of each global batch, gradients are summed
 by hand; <out_dir>/checkpoint.pt (adapter, optimizer, step, every rank's RNG streams) is replaced atomically
 every save_every steps and on SIGINT/SIGTERM; a resumed run ends bit-identical to an uninterrupted one (CPU).
-The run is finished when <out_dir>/merged exists.
+The checkpoint's fingerprints (training and held-out pairs, start checkpoint), the metrics rows dropped
+after it and the <out_dir>/.lock are train_sft.py's too. The run is finished when <out_dir>/merged exists.
 
 Cached reference log-probs (precompute_ref_logps = true). The reference never changes, so its log-probs of
 every training and held-out pair can be computed once, before the first step (batches sorted by length, each
@@ -70,6 +71,7 @@ import json
 import math
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -78,22 +80,24 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import toy
-from config import dump_config, load_config
+from config import dump_config, load_config, run_cli
 from data.batching import LengthGroupedSampler, collate_dpo, tokenize_pairs
 from data.dpo import collate_dpo_packed
 from data.hh import hh_files, hh_pairs
+from files import lock_folder, remove_stale_temp
 from losses import IGNORE_INDEX, dpo_loss, sequence_logps_chunked
 from lora import apply_lora, disable_adapters
 from model import Tokenizer, check_vocab
 from model.loading import load_pretrained
 from model.packed import hidden_states_packed, tree_mask
 from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, broadcast_params,
-                      check_same_config, cleanup, compile_blocks, is_main, load_resume_state, lr_at,
-                      make_optimizer, micro_batches, nf4_notice, peak_memory_gb, restore_trainable, rng_state,
-                      save_adapter_and_merged, save_resume_state, seed_everything, set_checkpointing,
-                      setup_distributed)
+                      check_fingerprints, check_same_config, checkpoint_fingerprint, cleanup, compile_blocks,
+                      data_fingerprint, is_main, load_resume_state, lr_at, make_optimizer, micro_batches,
+                      nf4_notice, peak_memory_gb, restore_trainable, rng_state, save_adapter_and_merged,
+                      save_resume_state, seed_everything, set_checkpointing, setup_distributed)
 
 REF_LOGPS = "ref_logps.pt"
+PAIR_KEYS = ("prompt_len", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
 
@@ -162,26 +166,25 @@ class DPOConfig:
     eval_toy: int = 0                     # held-out toy tasks scored before and after DPO (0 = none)
     eval_max_new_tokens: int = 64         # generation budget per toy answer
 
+    # Allowed values, checked as the config is read (config.py): "(0, inf)" is > 0, "[0, 1)" is 0 ≤ x < 1.
+    RANGES = {"first_n": "[1, inf)", "eval_first_n": "[1, inf)", "toy_records": "[0, inf)",
+              "toy_eval_records": "[0, inf)", "epochs": "[1, inf)", "max_steps": "[1, inf)", "seed": "[0, inf)",
+              "lora_r": "[1, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)", "beta": "(0, inf)",
+              "label_smoothing": "[0, 0.5)", "rpo_alpha": "[0, inf)", "lr": "(0, inf)", "warmup_ratio": "[0, 1)",
+              "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)", "betas": "[0, 1)", "max_grad_norm": "[0, inf)",
+              "batch_size": "[1, inf)", "micro_batch_size": "[1, inf)", "max_len": "[3, inf)",
+              "min_prompt_len": "[2, inf)", "checkpoint_blocks": "[0, inf)", "loss_chunk_size": "[1, inf)",
+              "log_every": "[1, inf)", "save_every": "[0, inf)", "eval_every": "[0, inf)", "eval_toy": "[0, inf)",
+              "eval_max_new_tokens": "[1, inf)"}
+
     def __post_init__(self):
         if not self.data or not self.eval_data:
             raise ValueError("data and eval_data must each name at least one file or folder")
-        for name in ("batch_size", "micro_batch_size", "max_len", "lora_r", "log_every", "loss_chunk_size",
-                     "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} is {getattr(self, name)}, expected ≥ 1")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                              f"{self.micro_batch_size}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio is {self.warmup_ratio}, expected 0 ≤ ratio < 1")
-        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
-            raise ValueError(f"checkpoint_blocks is {self.checkpoint_blocks}, expected ≥ 0 or none")
-        if not self.beta > 0:
-            raise ValueError(f"beta is {self.beta}, expected > 0")
-        if self.rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha is {self.rpo_alpha}, expected ≥ 0")
-        if min(self.toy_records, self.toy_eval_records, self.eval_every, self.save_every, self.eval_toy) < 0:
-            raise ValueError("toy_records, toy_eval_records, eval_every, save_every and eval_toy must be ≥ 0")
+        if self.min_prompt_len >= self.max_len:
+            raise ValueError(f"min_prompt_len {self.min_prompt_len} must be below max_len {self.max_len}")
 
 
 # Fields that change nothing in the result: a resumed run may set them differently.
@@ -265,16 +268,11 @@ def reference_logps(model, rows, cfg, pad_id, rank, world_size, device, what):
 
 
 def fingerprint(start, cfg, rows, eval_rows):
-    """What the reference log-probs depend on: the start checkpoint (path, weight files' sizes and times),
-    the dtype and quantisation, and every pair's tokens. A cache with another fingerprint is recomputed."""
-    h = hashlib.sha256(json.dumps([os.path.abspath(start), cfg.dtype, cfg.quantize]).encode())
-    for name in sorted(os.listdir(start)):
-        if name.endswith((".safetensors", ".bin")):
-            st = os.stat(os.path.join(start, name))
-            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    for r in rows + [None] + eval_rows:
-        h.update(json.dumps(r and [r["prompt_len"], r["chosen_input_ids"], r["rejected_input_ids"]]).encode())
-    return h.hexdigest()
+    """What the reference log-probs depend on: the start checkpoint (training.checkpoint_fingerprint), the
+    dtype and quantisation, and every pair's tokens. A cache with another fingerprint is recomputed."""
+    parts = [checkpoint_fingerprint(start), cfg.dtype, cfg.quantize, data_fingerprint(rows, PAIR_KEYS),
+             data_fingerprint(eval_rows, PAIR_KEYS)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def cached_reference(model, start, rows, eval_rows, cfg, pad_id, rank, world_size, device):
@@ -328,14 +326,27 @@ def main(argv=None):
     if cfg.optimizer == "paged_adamw" and device.type != "cuda":
         raise SystemExit(f'optimizer = "paged_adamw" pages states to CPU memory from a CUDA device; the device here '
                          f'is {device}: use optimizer = "adamw"')
-    notice = nf4_notice(cfg.quantize, device)          # before anything loads: the one line, then the run goes on
-    if notice and is_main():
-        print(notice)
     if cfg.batch_size % (cfg.micro_batch_size * world_size):
         raise SystemExit(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size × world size "
                          f"= {cfg.micro_batch_size} × {world_size}")
+    if not os.path.isfile(os.path.join(cfg.base, "config.json")):
+        raise SystemExit(f"{cfg.base}: no config.json; base must be the merged HH-RLHF SFT checkpoint "
+                         f"(train_sft.py writes <out_dir>/hh_rlhf/merged)")
+    # One run per out_dir: rank 0 holds <out_dir>/.lock until the end; a second run stops here (files.py).
+    with lock_folder(cfg.out_dir) if is_main() else nullcontext():
+        train(cfg, rank, world_size, device)
+    cleanup()
+
+
+def train(cfg, rank, world_size, device):
+    """Data → model → reference log-probs (cached or in the loop) → loop → adapter and merged checkpoint."""
+    notice = nf4_notice(cfg.quantize, device)          # before anything loads: the one line, then the run goes on
+    if notice and is_main():
+        print(notice)
 
     # --- the run folder: a fresh run refuses to overwrite one; --resume checks the config is the same
+    if is_main():
+        remove_stale_temp(cfg.out_dir)                  # a merge killed half-way leaves its temp folder
     saved, merged = os.path.join(cfg.out_dir, "config.toml"), os.path.join(cfg.out_dir, "merged")
     started = os.path.exists(os.path.join(cfg.out_dir, "checkpoint.pt")) or os.path.isdir(merged)
     if started and not cfg.resume:
@@ -344,9 +355,6 @@ def main(argv=None):
     if cfg.resume:
         check_same_config(DPOConfig, cfg, saved, RUN_CONTROL)
     start = cfg.base
-    if not os.path.isfile(os.path.join(start, "config.json")):
-        raise SystemExit(f"{start}: no config.json; base must be the merged HH-RLHF SFT checkpoint "
-                         f"(train_sft.py writes <out_dir>/hh_rlhf/merged)")
     seed_everything(cfg.seed, deterministic=True)
     tok = Tokenizer(cfg.tokenizer or os.path.join(start, "tokenizer.model"))
     if is_main():
@@ -358,7 +366,6 @@ def main(argv=None):
             print(f"finished earlier: {merged}")
             if cfg.eval_toy:
                 toy.report_dpo(cfg, merged, tok, device)
-        cleanup()
         return
 
     # --- data: toy files first (embedded default), then the pairs, tokenised prompt once + each response
@@ -395,10 +402,16 @@ def main(argv=None):
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}   # lora_A, lora_B
     optimizer = make_optimizer(list(params.values()), cfg.lr, cfg.weight_decay, cfg.betas, device, cfg.optimizer)
 
+    # What this run trains and evaluates on; a checkpoint made from other pairs or another start is not resumed.
+    fingerprints = {"data": data_fingerprint(rows, PAIR_KEYS), "eval_data": data_fingerprint(eval_rows, PAIR_KEYS),
+                   "start": checkpoint_fingerprint(start)}
     start_step = 0
     ckpt = load_resume_state(cfg.out_dir) if cfg.resume else None    # on the CPU (RNG states must be)
     if ckpt is not None:
-        start_step = restore_trainable(ckpt, params, optimizer, f"{cfg.out_dir}/checkpoint.pt")
+        where = f"{cfg.out_dir}/checkpoint.pt"
+        check_fingerprints(ckpt, fingerprints, where, {"data": ", ".join(cfg.data), "start": start,
+                                                      "eval_data": ", ".join(cfg.eval_data)})
+        start_step = restore_trainable(ckpt, params, optimizer, where)
         if is_main():
             print(f"resuming at step {start_step} of {total}")
     accum = cfg.batch_size // (cfg.micro_batch_size * world_size)
@@ -411,12 +424,16 @@ def main(argv=None):
         ref_cache, eval_ref_cache = cached_reference(model, start, rows, eval_rows, cfg, tok.pad_id, rank,
                                                      world_size, device)
     logger = MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    dropped = logger.drop_after(start_step)             # logged after the checkpoint: logged again below
+    if dropped:
+        print(f"{logger.path}: removed {dropped} line(s) logged after step {start_step}, which follow again")
 
     def save(step):
         rng = rng_state()                               # a collective under DDP: every rank calls it
         if is_main():
             save_resume_state(cfg.out_dir, {"adapter": {n: p.detach() for n, p in params.items()},
-                                            "optimizer": optimizer.state_dict(), "step": step, "rng": rng})
+                                            "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
+                                            "fingerprint": fingerprints})
 
     # --- loop
     progress, tokens = Progress(total, start_step), 0
@@ -471,18 +488,19 @@ def main(argv=None):
                 if is_main():
                     print(f"stopped after step {step + 1}; continue with --resume")
                 logger.close()
-                cleanup()
                 return
 
-    # --- save: the adapter (PEFT), then the merge into start's 16/32-bit weights (HF), renamed into place
-    if is_main():
-        n = save_adapter_and_merged(model, start, cfg.out_dir, tok.path, dtype=cfg.merged_dtype)
-        print(f"saved {cfg.out_dir}/adapter (PEFT) and {merged} ({n} weights merged)")
-        if cfg.eval_toy:
-            toy.report_dpo(cfg, merged, tok, device)
-    logger.close()
-    cleanup()
+        # --- save: the adapter (PEFT), then the merge into start's 16/32-bit weights (HF), renamed into place.
+        # Still inside GracefulExit: a signal now lets the merge finish rather than leave half a folder.
+        if is_main():
+            n = save_adapter_and_merged(model, start, cfg.out_dir, tok.path, dtype=cfg.merged_dtype)
+            print(f"saved {cfg.out_dir}/adapter (PEFT) and {merged} ({n} weights merged)")
+            if cfg.eval_toy:
+                toy.report_dpo(cfg, merged, tok, device)
+            if stop.requested:                          # it came after the last step: nothing was cut short
+                print(f"{stop.name}: all work was saved ({cfg.out_dir}); nothing to resume")
+        logger.close()
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -33,6 +33,10 @@ a pure function of (seed, epoch, lengths). `--resume` skips the finished stages 
 <stage>/merged exists: it is renamed into place complete), loads the unfinished one's checkpoint and
 continues to exactly the result of an uninterrupted run (on CPU: bit for bit). Each stage seeds the RNG from
 (seed, stage index) before creating its adapters, so it does not depend on what ran before it in this process.
+A checkpoint also holds fingerprints of the stage's tokenized data and of its start checkpoint: a resume
+with other data or another start stops with one line naming it (training.check_fingerprints), and the
+metrics rows logged after the checkpoint are removed, as they are logged again (MetricsLogger.drop_after).
+One run per out_dir: rank 0 holds <out_dir>/.lock throughout (files.lock_folder).
 
 The embedded default (configs/tiny.toml; its stand-ins are toy/'s): a stage with toy_records > 0 whose data
 file is missing writes it from the toy world first (toy.write_stage_data: JSONL in generate.py's schema;
@@ -45,6 +49,7 @@ Shapes: B micro-batch, T tokens, D hidden, V vocab.
 import math
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -52,19 +57,20 @@ import torch
 import torch.distributed as dist
 
 import toy
-from config import dump_config, load_config
+from config import dump_config, load_config, run_cli
 from data.batching import LengthGroupedSampler, collate_sft
 from data.hh import hh_files, hh_sft_examples
 from data.sft import sft_examples, tokenize_examples
+from files import lock_folder, remove_stale_temp
 from losses import IGNORE_INDEX, sequence_logps_chunked
 from lora import apply_lora
 from model import Tokenizer, check_vocab
 from model.loading import load_pretrained
 from training import (GracefulExit, MetricsLogger, Progress, all_reduce_grads, bare_resume, broadcast_params,
-                      check_same_config, cleanup, compile_blocks, is_main, load_resume_state, lr_at,
-                      make_optimizer, micro_batches, nf4_notice, peak_memory_gb, restore_trainable, rng_state,
-                      save_adapter_and_merged, save_resume_state, seed_everything, set_checkpointing,
-                      setup_distributed)
+                      check_fingerprints, check_same_config, checkpoint_fingerprint, cleanup, compile_blocks,
+                      data_fingerprint, is_main, load_resume_state, lr_at, make_optimizer, micro_batches,
+                      nf4_notice, peak_memory_gb, restore_trainable, rng_state, save_adapter_and_merged,
+                      save_resume_state, seed_everything, set_checkpointing, setup_distributed)
 
 SCHEMES = ("lamini", "orca", "evol_instruct", "hh_rlhf")
 
@@ -87,13 +93,13 @@ class Stage:
     # OpenBezoar-SFT fp32, OpenBezoar-HH-RLHF-SFT fp16)
     merged_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
 
+    # Allowed values, checked as the config is read (config.py): "(0, inf)" is > 0, "[0, 1)" is 0 ≤ x < 1.
+    RANGES = {"first_n": "[1, inf)", "epochs": "[1, inf)", "max_steps": "[1, inf)", "lr": "(0, inf)",
+              "toy_records": "[0, inf)"}
+
     def __post_init__(self):
         if not self.data:
             raise ValueError(f"stage {self.name!r}: data is empty, expected at least one file")
-        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise ValueError(f"stage {self.name!r}: epochs and max_steps must be ≥ 1")
-        if self.toy_records < 0:
-            raise ValueError(f"stage {self.name!r}: toy_records is {self.toy_records}, expected ≥ 0")
 
 
 def openbezoar_stages():
@@ -146,20 +152,23 @@ class SFTConfig:
     eval_toy: int = 0                     # held-out toy tasks scored after each stage (0 = none)
     eval_max_new_tokens: int = 64         # generation budget per toy answer
 
+    # Allowed values, checked as the config is read (config.py): "(0, inf)" is > 0, "[0, 1)" is 0 ≤ x < 1.
+    RANGES = {"seed": "[0, inf)", "lora_r": "[1, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)",
+              "lr": "(0, inf)", "warmup_ratio": "[0, 1)", "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)",
+              "betas": "[0, 1)", "max_grad_norm": "[0, inf)", "batch_size": "[1, inf)",
+              "micro_batch_size": "[1, inf)", "max_len": "[3, inf)", "min_prompt_len": "[2, inf)",
+              "checkpoint_blocks": "[0, inf)", "loss_chunk_size": "[1, inf)", "log_every": "[1, inf)",
+              "save_every": "[0, inf)", "eval_toy": "[0, inf)", "eval_max_new_tokens": "[1, inf)"}
+
     def __post_init__(self):
         names = [s.name for s in self.stages]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"stages: names {names} must be present and distinct (each is a folder)")
-        for name in ("batch_size", "micro_batch_size", "max_len", "lora_r", "log_every", "loss_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} is {getattr(self, name)}, expected ≥ 1")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                              f"{self.micro_batch_size}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio is {self.warmup_ratio}, expected 0 ≤ ratio < 1")
-        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
-            raise ValueError(f"checkpoint_blocks is {self.checkpoint_blocks}, expected ≥ 0 or none")
+        if self.min_prompt_len >= self.max_len:
+            raise ValueError(f"min_prompt_len {self.min_prompt_len} must be below max_len {self.max_len}")
 
 
 # Fields that change nothing in the result: a resumed run may set them differently.
@@ -219,12 +228,19 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}   # lora_A, lora_B
     optimizer = make_optimizer(list(params.values()), peak_lr, cfg.weight_decay, cfg.betas, device, cfg.optimizer)
 
+    # What this stage trains on; a checkpoint made from other data or another start is not resumed.
+    fingerprints = {"data": data_fingerprint(rows, ("input_ids", "labels")), "start": checkpoint_fingerprint(start)}
     start_step = 0
     ckpt = load_resume_state(stage_dir) if cfg.resume else None   # on the CPU (RNG states must be)
     if ckpt is not None:
-        start_step = restore_trainable(ckpt, params, optimizer, f"{stage_dir}/checkpoint.pt")
+        where = f"{stage_dir}/checkpoint.pt"
+        check_fingerprints(ckpt, fingerprints, where, {"data": ", ".join(stage.data), "start": start})
+        start_step = restore_trainable(ckpt, params, optimizer, where)
         if is_main():
             print(f"{tag} resuming at step {start_step} of {total}")
+    dropped = logger.drop_after(start_step, stage=stage.name)     # logged after the checkpoint: logged again
+    if dropped:
+        print(f"{tag} {logger.path}: removed {dropped} line(s) logged after step {start_step}, which follow again")
     accum = cfg.batch_size // (cfg.micro_batch_size * world_size)
     if is_main():
         n_train = sum(p.numel() for p in params.values())
@@ -236,7 +252,8 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
         rng = rng_state()                               # a collective under DDP: every rank calls it
         if is_main():
             save_resume_state(stage_dir, {"adapter": {n: p.detach() for n, p in params.items()},
-                                          "optimizer": optimizer.state_dict(), "step": step, "rng": rng})
+                                          "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
+                                          "fingerprint": fingerprints})
 
     # --- loop
     progress, tokens = Progress(total, start_step), 0
@@ -304,14 +321,25 @@ def main(argv=None):
     if cfg.optimizer == "paged_adamw" and device.type != "cuda":
         raise SystemExit(f'optimizer = "paged_adamw" pages states to CPU memory from a CUDA device; the device here '
                          f'is {device}: use optimizer = "adamw"')
-    notice = nf4_notice(cfg.quantize, device)          # before anything loads: the one line, then the run goes on
-    if notice and is_main():
-        print(notice)
     if cfg.batch_size % (cfg.micro_batch_size * world_size):
         raise SystemExit(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size × world size "
                          f"= {cfg.micro_batch_size} × {world_size}")
+    # One run per out_dir: rank 0 holds <out_dir>/.lock until the end; a second run stops here (files.py).
+    with lock_folder(cfg.out_dir) if is_main() else nullcontext():
+        train(cfg, rank, world_size, device)
+    cleanup()
+
+
+def train(cfg, rank, world_size, device):
+    """The stages in order, each skipped if finished earlier (see the module docstring)."""
+    notice = nf4_notice(cfg.quantize, device)          # before anything loads: the one line, then the run goes on
+    if notice and is_main():
+        print(notice)
 
     # --- the run folder: a fresh run refuses to overwrite one; --resume checks the config is the same
+    if is_main():
+        for stage in cfg.stages:                         # a merge killed half-way leaves its temp folder
+            remove_stale_temp(os.path.join(cfg.out_dir, stage.name))
     saved = os.path.join(cfg.out_dir, "config.toml")
     started = [s.name for s in cfg.stages if os.path.exists(os.path.join(cfg.out_dir, s.name, "checkpoint.pt"))
                or os.path.isdir(os.path.join(cfg.out_dir, s.name, "merged"))]
@@ -342,13 +370,15 @@ def main(argv=None):
             elif cfg.eval_toy and is_main():
                 toy.record_eval(cfg, stage.name, merged, tok, device)
             start = merged
-            if stop.should_stop():
+            if i + 1 < len(cfg.stages) and stop.should_stop():
                 if is_main():
                     print(f"stopped after stage {stage.name}; continue with --resume")
                 break
-    logger.close()
-    cleanup()
+        else:
+            if stop.requested and is_main():           # it came after the last save: nothing was cut short
+                print(f"{stop.name}: all work was saved ({cfg.out_dir}); nothing to resume")
+        logger.close()
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,6 +24,12 @@ The loops themselves stay in the scripts. A resumable loop uses these pieces lik
             if stopping:
                 break
 
+Resume means the same run: each checkpoint holds the fingerprints of what the run trains on (fingerprints:
+sha256 of every row's token ids and labels, and of the start checkpoint's config.json and weight files'
+names, sizes and modification times); check_fingerprints refuses to resume with one line naming the data
+files or the checkpoint that changed. MetricsLogger.drop_after then removes the rows logged after the
+checkpoint (a SIGKILL between a log line and the next save leaves some), so each step appears once.
+
 Checkpoint policy: one file, <dir>/checkpoint.pt, replaced atomically at each save (files.atomic_write: temp
 file in the same directory, fsync, os.replace, fsync of the directory), so at any instant it holds the last
 completed save and a crash mid-write leaves the previous one. Older checkpoints are not kept: the file exists
@@ -31,6 +37,7 @@ to resume, and the scripts write the finished adapters elsewhere. It holds only 
 weights, optimiser state, step, data position, RNG streams), never the frozen base model.
 """
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -46,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from config import config_to_dict, load_config
-from files import atomic_write
+from files import atomic_write, write_text_atomic
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -216,6 +223,45 @@ def load_resume_state(directory, map_location="cpu", name=CHECKPOINT):
         raise ValueError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
 
 
+def data_fingerprint(rows, keys):
+    """sha256 (hex) of the tokenized data, in order: each row's `keys` (lists of token ids or labels, ints)."""
+    h = hashlib.sha256()
+    for row in rows:
+        for key in keys:
+            values = np.asarray(row[key], dtype=np.int64).reshape(-1)
+            h.update(len(values).to_bytes(8, "little") + values.tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_fingerprint(folder):
+    """sha256 (hex) of a checkpoint folder as a run starts from it: config.json's bytes and each weight
+    file's name, size and modification time (hashing gigabytes of weights at every resume would cost more
+    than it adds: a replaced or rewritten file has another size or time)."""
+    h = hashlib.sha256()
+    with open(os.path.join(folder, "config.json"), "rb") as f:
+        h.update(f.read())
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".safetensors", ".bin", ".index.json")):
+            st = os.stat(os.path.join(folder, name))
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def check_fingerprints(ckpt, now, where, what):
+    """SystemExit, one line naming what[key] (the data files, the start checkpoint), for the first of the
+    fingerprints `now` ({key: hex}) that differs from those saved in the checkpoint `ckpt` (read from
+    `where`). A checkpoint saved without fingerprints (older bezoar) is resumed with a notice."""
+    saved = ckpt.get("fingerprint")
+    if saved is None:
+        if is_main():
+            print(f"{where}: saved without data fingerprints; resuming without checking the data")
+        return
+    for key, value in now.items():
+        if saved.get(key) != value:
+            raise SystemExit(f"{what[key]}: not what {where} was trained on (its {key} fingerprint differs); "
+                             f"restore it, or start the run again in another out_dir")
+
+
 # --- stopping cleanly on SIGINT / SIGTERM -------------------------------------------------------
 
 class GracefulExit:
@@ -227,13 +273,14 @@ class GracefulExit:
 
     def __init__(self, device="cpu", signals=(signal.SIGINT, signal.SIGTERM)):
         self.device, self.signals, self.requested, self._previous = torch.device(device), signals, False, {}
+        self.name = None                                # the signal received, e.g. "SIGTERM"
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.requested:
             print(f"{name} again: exiting now", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
-        self.requested = True
+        self.requested, self.name = True, name
         print(f"{name}: stopping after this step with a checkpoint (send again to exit now)",
               file=sys.stderr, flush=True)
 
@@ -296,14 +343,42 @@ class MetricsLogger:
     """log(step=..., loss=..., ...) prints one plain line, `step=12 loss=1.234 lr=0.0002 ...` (floats
     with 6 significant digits), and appends the same record as one JSON line (full precision, plus
     `time`, an ISO timestamp) to path, flushed at once. Append-only, so a resumed run continues the
-    file. Only the main rank writes: elsewhere (enabled=False) log does nothing."""
+    file (after drop_after has removed what followed its checkpoint). Only the main rank writes: elsewhere
+    (enabled=False) log does nothing."""
 
     def __init__(self, path, enabled=None):
         self.enabled = is_main() if enabled is None else enabled
-        self.file = None
+        self.path, self.file = path, None
         if self.enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.file = open(path, "a")
+
+    def drop_after(self, step, **match):
+        """Before a run (re)starts at `step` (its checkpoint's; 0 on a fresh start): remove the rows logged
+        past it, those with step > `step` whose fields equal `match` (e.g. stage="lamini"), and a last line
+        cut short by a kill, since the run logs those steps again. The file is rewritten atomically, only if
+        something goes. Returns the number of lines removed (0 off the main rank)."""
+        if not self.enabled:
+            return 0
+        self.file.close()
+        kept, dropped, whole = [], 0, True
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                past = (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+                        and all(record.get(k) == v for k, v in match.items()))
+                if record is None or past:
+                    dropped += bool(line.strip())
+                else:
+                    whole = whole and line.endswith("\n")
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped or not whole:
+            write_text_atomic(self.path, "".join(kept))
+        self.file = open(self.path, "a")
+        return dropped
 
     def log(self, **record):
         if not self.enabled:

@@ -22,7 +22,9 @@ turns before it form the instruction, under the default system sentence:
 First questions then look like the instructions of the earlier SFT stages; follow-ups carry their whole
 history, with HH's own role names, and the question to answer is always the last entry. Turn texts are
 stripped of surrounding whitespace (HH puts a space, sometimes two, after each marker). The HH SFT stage
-(chosen side) and the DPO pairs use the same mapping, via `dialogue_prompt`, which evaluate.py can call too.
+(chosen side) and the DPO pairs use the same mapping, via `dialogue_prompt`, which evaluate.py can call too;
+`chat_template()` is the same mapping as the Jinja chat template bezoar writes into tokenizer_config.json, so
+transformers' apply_chat_template and vLLM's chat endpoint build exactly these prompts.
 
 Malformed transcripts are skipped and counted as "malformed" (first locations kept as file:line): not starting
 with "\\n\\nHuman:", turns that do not alternate Human/Assistant (e.g. two Assistant turns in a row), an empty
@@ -51,12 +53,13 @@ once, under the first reason that applies, checked in this order: prompt mismatc
 responses, malformed.
 """
 
+import json
 import os
 import re
 from dataclasses import dataclass
 
 from data.sft import DataStats, Example, field, read_records
-from data.template import format_prompt
+from data.template import DEFAULT_SYSTEM, PROMPT_TEMPLATE, RESPONSE_MARKER, format_prompt
 
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 ASSISTANT = "\n\nAssistant:"
@@ -124,6 +127,71 @@ def dialogue_prompt(turns):
     if len(turns) == 1:
         return format_prompt(turns[0][1])
     return format_prompt("\n".join(f"{role}: {said}" for role, said in turns))
+
+
+# Placeholders in capitals are filled in from data/template.py by chat_template(). Every tag trims the
+# whitespace around it ("-"), so the layout here never reaches the output.
+CHAT_TEMPLATE_JINJA = """
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set system = messages[0]['content'] -%}
+    {%- set turns = messages[1:] -%}
+{%- else -%}
+    {%- set system = DEFAULT_SYSTEM -%}
+    {%- set turns = messages -%}
+{%- endif -%}
+{%- if turns and turns[-1]['role'] == 'assistant' -%}
+    {%- set history = turns[:-1] -%}
+    {%- set response = turns[-1]['content'] -%}
+{%- else -%}
+    {%- set history = turns -%}
+    {%- set response = none -%}
+{%- endif -%}
+{%- if history|length % 2 == 0 -%}
+    {{- raise_exception('OpenBezoar chat: after an optional system message, the turns alternate user/assistant from user to user, plus an optional last assistant turn (the response)') -}}
+{%- endif -%}
+{%- set ns = namespace(lines=[]) -%}
+{%- for message in history -%}
+    {%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] or not message['content']|trim -%}
+        {{- raise_exception('OpenBezoar chat: turn ' ~ loop.index ~ ' is ' ~ message['role'] ~ '; the turns alternate user/assistant from user, each with text') -}}
+    {%- endif -%}
+    {%- set ns.lines = ns.lines + [('Human' if message['role'] == 'user' else 'Assistant') ~ ': ' ~ message['content']] -%}
+{%- endfor -%}
+{%- if history|length == 1 -%}
+    {%- set instruction = history[0]['content'] -%}
+{%- else -%}
+    {%- set instruction = ns.lines|join(NEWLINE) -%}
+{%- endif -%}
+{{- bos_token ~ HEAD ~ system ~ MIDDLE ~ instruction ~ BEFORE_RESPONSE -}}
+{%- if response is not none -%}
+    {{- RESPONSE_MARKER ~ response ~ eos_token -}}
+{%- elif add_generation_prompt -%}
+    {{- RESPONSE_MARKER -}}
+{%- endif -%}
+"""
+
+
+def chat_template():
+    """dialogue_prompt and format_prompt as a Jinja chat template, for tokenizer_config.json: what
+    transformers' apply_chat_template, vLLM's chat endpoint and TGI render a conversation with.
+
+    messages: an optional {"role": "system"} first (its content replaces the default system sentence, as
+    format_prompt's `system` does), then user/assistant turns alternating from user. Roles map to HH's
+    "Human"/"Assistant": one user turn is the instruction itself, several are joined as dialogue_prompt
+    joins them. Contents are used as given (dialogue_prompt does not strip either).
+      - ending with a user turn: bos_token + the prompt before its "### Response:" line; with
+        add_generation_prompt, RESPONSE_MARKER too, i.e. bos_token + exactly the text bezoar generates from;
+      - ending with an assistant turn: the SFT training text, bos_token + prompt + response + eos_token.
+    bos_token comes first because apply_chat_template and vLLM tokenize the rendered text without adding
+    special tokens: the template is what puts BOS first, as Tokenizer.encode does. The strings come from
+    PROMPT_TEMPLATE and DEFAULT_SYSTEM, so the two cannot drift apart."""
+    head, rest = PROMPT_TEMPLATE.split("{system}")
+    middle, tail = rest.split("{instruction}")
+    assert tail.endswith(RESPONSE_MARKER)
+    fill = {"DEFAULT_SYSTEM": DEFAULT_SYSTEM, "HEAD": head, "MIDDLE": middle,
+            "BEFORE_RESPONSE": tail.removesuffix(RESPONSE_MARKER), "RESPONSE_MARKER": RESPONSE_MARKER, "NEWLINE": "\n"}
+    # One pass, so no filled-in text is filled again; a JSON string is also a valid Jinja string literal.
+    placeholders = re.compile(r"\b(" + "|".join(fill) + r")\b")
+    return placeholders.sub(lambda m: json.dumps(fill[m.group(1)]), CHAT_TEMPLATE_JINJA.strip())
 
 
 def hh_example(transcript):

@@ -54,7 +54,7 @@ from chat_api import add_endpoint_args, client_from_args
 from data.hh import dialogue_prompt
 from data.template import format_prompt
 from evals.mt_bench_judge import format_summary, judge_answers, read_judge_prompts, summarize
-from files import read_jsonl
+from files import lock_folder, read_jsonl
 from model.sampling import generate
 from synth.records import AppendLog
 from training import resolve_device
@@ -232,6 +232,11 @@ def main(argv=None):
         raise SystemExit("mt-bench: give --model (answer, then judge) and/or --answers-from (judge those files)")
     if args.max_new_tokens < 1 or args.batch_size < 1 or (args.first_n is not None and args.first_n < 1):
         raise SystemExit("mt-bench: --max-new-tokens, --batch-size and --first-n must be ≥ 1")
+    with lock_folder(args.out_dir):                 # one run per --out-dir; a second stops here (files.py)
+        return answer_and_judge(args)
+
+
+def answer_and_judge(args) -> int:
     # every input is read before any answering, so a bad file stops the run in seconds rather than hours
     all_questions = read_questions(args.questions)
     questions = all_questions[:args.first_n]

@@ -160,14 +160,21 @@ def _adapter_deltas(adapter):
             for name in _adapter_module_names(tensors)}
 
 
-def merge_into_checkpoint(adapter, base_checkpoint: str, out_dir: str, dtype=None, max_shard_size="5GB"):
+def merge_into_checkpoint(adapter, base_checkpoint: str, out_dir: str, dtype=None, max_shard_size="5GB",
+                          tokenizer=None):
     """Write base_checkpoint with every adapted weight replaced by W + B A · alpha / r, one tensor at a
     time: each W is read in its stored 16/32-bit dtype, the sum is taken in fp32 and rounded once to
     `dtype` (default: the base checkpoint's config.json dtype) by model/loading.py's save_checkpoint,
     which writes the folder atomically. adapter: a model with adapters, or a PEFT adapter folder.
+    tokenizer: the model.Tokenizer whose files the folder gets (tokenizer.model, tokenizer_config.json,
+    special_tokens_map.json, generation_config.json); default: base_checkpoint's tokenizer.model, if any.
     Returns the number of merged tensors."""
     from model.config import load_config
     from model.loading import iter_checkpoint_tensors, parameter_shapes, save_checkpoint
+    from model.tokenizer import Tokenizer
+
+    if tokenizer is None and os.path.isfile(os.path.join(base_checkpoint, "tokenizer.model")):
+        tokenizer = Tokenizer(os.path.join(base_checkpoint, "tokenizer.model"))
 
     config = load_config(base_checkpoint)
     shapes = parameter_shapes(config)
@@ -192,7 +199,7 @@ def merge_into_checkpoint(adapter, base_checkpoint: str, out_dir: str, dtype=Non
                 merged.append(key)
             yield key, W
 
-    save_checkpoint(tensors(), config, out_dir, max_shard_size=max_shard_size, dtype=dtype)
+    save_checkpoint(tensors(), config, out_dir, max_shard_size=max_shard_size, dtype=dtype, tokenizer=tokenizer)
     return len(merged)
 
 

@@ -25,7 +25,8 @@ loads into 2.07 GB (NF4 layers + bf16 embeddings and lm_head) without ever being
 
 Saving writes safetensors with metadata {"format": "pt"} (transformers requires it), sharded above
 max_shard_size with model.safetensors.index.json ({"metadata": {"total_size": bytes}, "weight_map":
-{name: shard}}), and config.json last, so transformers and vLLM load the folder unchanged. A safetensors
+{name: shard}}), the tokenizer's files when given one (model/tokenizer.py), and config.json last, so
+transformers and vLLM load the folder unchanged. A safetensors
 file is
     [8 bytes: header length n, little-endian u64][n bytes: JSON header][tensor bytes, back to back]
 and the header lists each tensor's dtype, shape and data_offsets. config.json fixes all of those before
@@ -50,6 +51,7 @@ from safetensors import SafetensorError, safe_open
 from files import fsync_dir, write_text_atomic
 from model.config import LlamaConfig, config_to_dict, load_config
 from model.llama import Llama
+from model.tokenizer import write_tokenizer_files
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -136,6 +138,12 @@ def _open_weights(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... one line names the file
+        if "Weights only load failed" in str(e):   # torch's own text would suggest weights_only=False
+            found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\n|$)", str(e))
+            what = found.group(1) if found else "a pickled object"
+            raise ValueError(f"{path}: holds more than tensors ({what}), and bezoar runs no code from a weight "
+                             f"file; where you trust the file, convert it to safetensors (transformers: "
+                             f"save_pretrained(folder, safe_serialization=True))") from None
         raise _unreadable(path, e) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a dict {{tensor name: tensor}}, found {type(state).__name__}")
@@ -287,14 +295,17 @@ def _parse_size(size) -> int:
     return int(float(m.group(1)) * units[m.group(2)])
 
 
-def save_checkpoint(tensors, config: LlamaConfig, path: str, max_shard_size="5GB", dtype=None):
+def save_checkpoint(tensors, config: LlamaConfig, path: str, max_shard_size="5GB", dtype=None, tokenizer=None):
     """Write a Hugging Face folder from (name, tensor) pairs (a dict or any iterable, in any order) that
     arrive one at a time: the tensors of a Llama of `config`, each checked for name and shape.
 
     dtype: storage dtype (None: config.torch_dtype). Shards hold at most max_shard_size bytes of tensors
-    (a bigger tensor gets a shard of its own). The folder appears whole or not at all: files are built in
+    (a bigger tensor gets a shard of its own). tokenizer: a model.Tokenizer whose files go in too
+    (tokenizer.model, tokenizer_config.json, special_tokens_map.json, generation_config.json; see
+    model/tokenizer.py write_tokenizer_files). The folder appears whole or not at all: files are built in
     a temporary folder beside it, then renamed; into an existing folder (which may hold a tokenizer), the
-    weights and index are moved in first and config.json last, and stale safetensors weights are removed."""
+    weights, index and tokenizer files are moved in first and config.json last, and stale safetensors
+    weights are removed."""
     if sys.byteorder != "little":
         raise ValueError("safetensors files are little-endian; this machine is big-endian")
     dtype = _as_dtype(dtype) or _as_dtype(config.torch_dtype)
@@ -371,6 +382,8 @@ def save_checkpoint(tensors, config: LlamaConfig, path: str, max_shard_size="5GB
                      "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
             write_text_atomic(os.path.join(tmp, SAFE_INDEX), json.dumps(index, indent=2, sort_keys=True) + "\n")
             files.append(SAFE_INDEX)
+        if tokenizer is not None:
+            files += write_tokenizer_files(tmp, tokenizer, config.max_position_embeddings)
         saved = replace(config, torch_dtype=str(dtype).removeprefix("torch."))
         config_json = json.dumps(config_to_dict(saved), indent=2, sort_keys=True) + "\n"
         write_text_atomic(os.path.join(tmp, "config.json"), config_json)
@@ -401,10 +414,11 @@ def _publish(tmp, path, files):
     fsync_dir(path)
 
 
-def save_pretrained(model: Llama, path: str, max_shard_size="5GB", dtype=None):
-    """Save a Llama as a Hugging Face folder (see save_checkpoint); dtype None keeps the model's dtype."""
+def save_pretrained(model: Llama, path: str, max_shard_size="5GB", dtype=None, tokenizer=None):
+    """Save a Llama as a Hugging Face folder (see save_checkpoint); dtype None keeps the model's dtype.
+    Pass the model's tokenizer to make the folder complete for transformers and vLLM."""
     dtype = _as_dtype(dtype) or model.model.embed_tokens.weight.dtype
     state = model.state_dict()                           # references, no copies
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)                # stored once, as embed_tokens.weight
-    save_checkpoint(state, model.config, path, max_shard_size=max_shard_size, dtype=dtype)
+    save_checkpoint(state, model.config, path, max_shard_size=max_shard_size, dtype=dtype, tokenizer=tokenizer)

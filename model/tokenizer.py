@@ -18,15 +18,26 @@ OpenLLaMA 3B v2 ships `tokenizer.model`, a SentencePiece BPE model read by the *
   characters, which fall back to their UTF-8 bytes (<0x00> … <0xFF> pieces).
 
 `train_tokenizer` builds a small model with the same conventions for the CPU demo and the tests.
+
+Files for other tools. Every checkpoint folder bezoar writes holds, beside tokenizer.model, what
+transformers, vLLM and TGI read to tokenize exactly as bezoar does (write_tokenizer_files, as OpenLLaMA's
+own repository ships them): tokenizer_config.json (LlamaTokenizer, add_bos_token true, add_eos_token false,
+the special pieces, `legacy` true — the behaviour OpenLLaMA's config, which predates the key, loads with:
+text after a special token gets its "▁" prefix, as sp.encode gives it — and the OpenBezoar `chat_template`
+from data/hh.py), special_tokens_map.json and generation_config.json (bos, eos, pad ids). pad is the piece
+of pad_id, <unk> (0) for OpenLLaMA, so that padding in those tools uses the row bezoar pads with.
 """
 
 import io
+import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import sentencepiece as spm
 
-from files import atomic_write
+from files import atomic_write, write_text_atomic
 
 
 class Tokenizer:
@@ -73,16 +84,66 @@ class Tokenizer:
         return self.vocab_size
 
 
-def check_vocab(tokenizer, vocab_size, path):
-    """Raise if the tokenizer can produce ids the model has no embedding row for.
+def check_vocab(tokenizer, vocab_size, path, allow_padded_vocab=False):
+    """Raise unless the tokenizer's ids are exactly the model's embedding rows.
 
-    Rule: tokenizer.vocab_size > vocab_size is an error (ids would index past embed_tokens / lm_head).
-    A tokenizer *smaller* than the model is allowed: some checkpoints pad the embedding matrix to a round
-    size, and the extra rows are simply never produced by encode. (OpenLLaMA: both are exactly 32000.)
-    `path` names the model's config file in the message."""
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces but {path} says "
+    path: the model's config.json (or its folder), named in the messages. Rules:
+      - tokenizer.vocab_size > vocab_size: an error (ids would index past embed_tokens / lm_head);
+      - tokenizer.vocab_size < vocab_size: an error too (most likely another model's tokenizer: it trains,
+        badly, without a word), unless the checkpoint says its embeddings are padded to a round size —
+        `"bezoar_padded_vocab": true` in config.json — or the caller passes allow_padded_vocab=True; then
+        one line of notice on stderr, since the extra rows are simply never produced by encode.
+    (OpenLLaMA: both are exactly 32000.)"""
+    config = os.path.join(path, "config.json") if os.path.isdir(path) else os.fspath(path)
+    n = tokenizer.vocab_size
+    if n > vocab_size:
+        raise ValueError(f"{tokenizer.path}: tokenizer has {n} pieces but {config} says "
                          f"vocab_size = {vocab_size}; ids ≥ {vocab_size} would overflow the embedding")
+    if n < vocab_size:
+        padded = allow_padded_vocab or _config_says_padded(config)
+        if not padded:
+            raise ValueError(f"{tokenizer.path}: tokenizer has {n} pieces but {config} says vocab_size = "
+                             f"{vocab_size}: not this model's tokenizer? (if the embeddings are padded, set "
+                             f'"bezoar_padded_vocab": true in {config})')
+        print(f"note: {tokenizer.path} has {n} pieces, {config} vocab_size = {vocab_size}: embedding rows "
+              f"{n}…{vocab_size - 1} are padding, never produced", file=sys.stderr)
+
+
+def _config_says_padded(config):
+    """config.json's "bezoar_padded_vocab" (false when the file or the key is absent)."""
+    try:
+        with open(config, encoding="utf-8") as f:
+            value = json.load(f).get("bezoar_padded_vocab", False)
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"{config}: bezoar_padded_vocab is {value!r}, expected true or false")
+    return value
+
+
+def write_tokenizer_files(folder, tokenizer, model_max_length):
+    """Put the tokenizer into a checkpoint folder: tokenizer.model (copied), tokenizer_config.json,
+    special_tokens_map.json and generation_config.json (see the module docstring), each written
+    atomically. model_max_length: the context length (config.json's max_position_embeddings).
+    Returns the file names, in the order written."""
+    from data.hh import chat_template                     # here: model/ imports no data code otherwise
+    folder = os.fspath(folder)
+    piece = tokenizer.sp.id_to_piece
+    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
+               "unk_token": piece(tokenizer.sp.unk_id()), "pad_token": piece(tokenizer.pad_id)}
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, **special,
+              "model_max_length": int(model_max_length), "legacy": True, "clean_up_tokenization_spaces": False,
+              "sp_model_kwargs": {}, "chat_template": chat_template()}
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                  "pad_token_id": tokenizer.pad_id}
+    target = os.path.join(folder, "tokenizer.model")
+    if not (os.path.exists(target) and os.path.samefile(tokenizer.path, target)):
+        atomic_write(target, lambda tmp: shutil.copyfile(tokenizer.path, tmp))
+    files = {"tokenizer_config.json": config, "special_tokens_map.json": special,
+             "generation_config.json": generation}
+    for name, content in files.items():
+        write_text_atomic(os.path.join(folder, name), json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    return ["tokenizer.model", *files]
 
 
 def train_tokenizer(texts, out_prefix, vocab_size, character_coverage=1.0, max_sentence_length=1 << 16):

@@ -38,7 +38,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from files import read_jsonl, write_jsonl_atomic, write_text_atomic
+from config import run_cli
+from files import lock_folder, read_jsonl, write_jsonl_atomic, write_text_atomic
 from synth import orca
 from toy.llm import answer_key, write_inputs
 
@@ -150,6 +151,11 @@ def filter_report(out: Path, threshold: float, wrong_log: Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with lock_folder(args.out):                      # one `make data` per folder; a second stops here (files.py)
+        return make_data(args)
+
+
+def make_data(args) -> int:
     out, started = Path(args.out), time.perf_counter()
     env = dict(os.environ)
     toy = {role: not configured(role) for role in ("GENERATOR", "JUDGE")}
@@ -217,4 +223,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 
 from model import PRESETS, Llama, Tokenizer, save_pretrained, train_tokenizer
@@ -29,6 +30,25 @@ def micro_model(folder, texts=None, vocab_size=384, max_position_embeddings=256,
     model.init_weights(seed=seed)
     save_pretrained(model, str(folder))
     return folder, model
+
+
+def run_apart(script, *args, kill_at=None, sig=signal.SIGTERM, timeout=120):
+    """As run_script, with stderr kept apart: returns (return code, stdout, stderr lines). kill_at: a stdout
+    line prefix; on seeing it, send `sig` (SIGKILL: a process killed outright, as by the OOM killer)."""
+    proc = subprocess.Popen([sys.executable, "-u", script, *map(str, args)], cwd=REPO, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = []
+    drain = threading.Thread(target=lambda: err.extend(proc.stderr))   # a full stderr pipe would block it
+    drain.start()
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if kill_at and line.startswith(kill_at + " "):
+            proc.send_signal(sig)
+            kill_at = None
+    code = proc.wait(timeout=timeout)
+    drain.join()
+    return code, "".join(out), [line.rstrip("\n") for line in err]
 
 
 def run_script(script, *args, kill_at=None):

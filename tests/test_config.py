@@ -200,3 +200,79 @@ def dump_config_path(cfg, tmp_path):
     path = tmp_path / "defaults.toml"                             # max_steps None is written as "none"
     dump_config(cfg, path)
     return path
+
+
+@dataclass
+class Ranged:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 1
+    label_smoothing: float = 0.0
+    warmup: Optional[int] = None
+    stages: list[Stage] = field(default_factory=lambda: [Stage("lamini")])
+    RANGES = {"lr": "(0, inf)", "betas": "[0, 1)", "batch_size": "[1, inf)", "label_smoothing": "[0, 0.5)",
+              "warmup": "[0, inf)"}
+
+
+def ranged_error(argv):
+    with pytest.raises(SystemExit) as e:
+        load_config(Ranged, argv)
+    return str(e.value)
+
+
+def test_values_outside_their_range_are_one_line_errors_naming_file_key_and_range(tmp_path):
+    for text, shown in (("-2e-3", "-0.002"), ("0", "0.0"), ("nan", "nan"), ("inf", "inf")):
+        path = write(tmp_path, f"lr = {text}\n")
+        assert ranged_error(["--config", path]) == f"{path}: key 'lr' is {shown}, expected a finite number > 0"
+        assert ranged_error(["--lr", text]) == f"command line: key 'lr' is {shown}, expected a finite number > 0"
+    path = write(tmp_path, "betas = [0.9, 1.0]\n")
+    assert ranged_error(["--config", path]) == f"{path}: key 'betas[1]' is 1.0, expected a number in [0, 1)"
+    assert ranged_error(["--betas", "-0.1,0.9"]) == "command line: key 'betas[0]' is -0.1, expected a number in [0, 1)"
+    assert ranged_error(["--label_smoothing", "0.5"]) == \
+        "command line: key 'label_smoothing' is 0.5, expected a number in [0, 0.5)"
+    path = write(tmp_path, "batch_size = 0\n")
+    assert ranged_error(["--config", path]) == f"{path}: key 'batch_size' is 0, expected an integer ≥ 1"
+    assert ranged_error(["--warmup", "-1"]) == "command line: key 'warmup' is -1, expected an integer ≥ 0"
+    cfg = load_config(Ranged, ["--warmup", "none", "--lr", "0.5", "--betas", "0,0.5", "--label_smoothing", "0.25"])
+    assert (cfg.warmup, cfg.lr, cfg.betas, cfg.label_smoothing) == (None, 0.5, (0.0, 0.5), 0.25)   # the bounds
+
+
+def test_toml_strings_are_not_numbers_bools_or_lists(tmp_path):
+    path = write(tmp_path, 'lr = "2e-3"\n')
+    assert ranged_error(["--config", path]) == \
+        f"{path}: key 'lr' is '2e-3', a string (TOML: write the number without quotes), expected float"
+    path = write(tmp_path, '[[stages]]\nname = "a"\nepochs = "2"\n')
+    assert ranged_error(["--config", path]).startswith(f"{path}: key 'stages[0].epochs' is '2', a string")
+    path = write(tmp_path, 'warmup = "3"\n')
+    assert ranged_error(["--config", path]).startswith(f"{path}: key 'warmup' is '3', a string")
+    path = write(tmp_path, 'compile = "true"\n')
+    assert error_of(["--config", path]) == f"{path}: key 'compile' is 'true', expected bool"
+    path = write(tmp_path, 'target_modules = "q_proj"\n')
+    assert error_of(["--config", path]) == f"{path}: key 'target_modules' is 'q_proj', expected list of str"
+    path = write(tmp_path, 'bits = "4"\n')
+    assert error_of(["--config", path]) == f"{path}: key 'bits' is '4', expected one of 4/8"
+    path = write(tmp_path, 'max_steps = "none"\nbits = 8\n')               # TOML has no null: "none" is None
+    cfg = load_config(ToyConfig, ["--config", path])
+    assert cfg.max_steps is None and cfg.bits == 8
+
+
+def test_the_scripts_ranges_name_their_fields_and_hold_their_defaults():
+    import dataclasses
+    import math
+
+    from toy.base import BaseConfig
+    from train_dpo import DPOConfig
+    from train_sft import SFTConfig, Stage as SFTStage
+    for cls in (SFTConfig, SFTStage, DPOConfig, BaseConfig):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert set(cls.RANGES) <= set(fields), set(cls.RANGES) - set(fields)
+        defaults = cls() if cls is not SFTStage else cls(data=["x.jsonl"])
+        for name, spec in cls.RANGES.items():
+            lo, hi = (float(x) for x in spec[1:-1].split(","))
+            value = getattr(defaults, name)
+            for v in (value if isinstance(value, tuple) else [value]):
+                if v is not None:
+                    assert math.isfinite(v) and (lo < v if spec[0] == "(" else lo <= v) and \
+                        (v < hi if spec[-1] == ")" else v <= hi), (cls.__name__, name, v)
+    assert SFTConfig.RANGES["lr"] == DPOConfig.RANGES["lr"] == "(0, inf)" and DPOConfig.RANGES["beta"] == "(0, inf)"
+    assert DPOConfig.RANGES["label_smoothing"] == "[0, 0.5)" and SFTConfig.RANGES["betas"] == "[0, 1)"

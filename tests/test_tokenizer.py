@@ -7,12 +7,18 @@ legacy=True): ids are compared with it. Its decode does not undo byte-fallback p
 against a by-hand join of the pieces instead.
 """
 
+import json
 import random
+import re
+from dataclasses import replace
 
 import pytest
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
+from micro_model import run_script
+from model import PRESETS, Llama, save_pretrained
 from model.tokenizer import Tokenizer, check_vocab, train_tokenizer
+from toy import world
 
 VOCAB = 420
 WORDS = ("a small model reads each token and predicts the next one while attention looks back over "
@@ -136,9 +142,64 @@ def test_tokenizer_larger_than_model_vocab_is_an_error_naming_both_files(tok):
         check_vocab(tok, 400, "ckpt/config.json")
 
 
-def test_tokenizer_smaller_or_equal_to_model_vocab_is_accepted(tok):
-    check_vocab(tok, VOCAB, "config.json")
-    check_vocab(tok, VOCAB + 64, "config.json")  # embedding padded to a round size
+def test_tokenizer_equal_to_model_vocab_is_accepted_silently(tok, tmp_path, capfd):
+    check_vocab(tok, VOCAB, tmp_path / "config.json")
+    assert capfd.readouterr() == ("", "")
+
+
+def test_tokenizer_smaller_than_model_vocab_is_an_error_naming_both_files_and_sizes(tok, tmp_path):
+    """Issue 16, case 6: a 420-piece tokenizer with a 484-row model is most likely another model's
+    tokenizer, and trains without a word unless refused."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"vocab_size": VOCAB + 64}))
+    with pytest.raises(ValueError, match=rf"tiny\.model: tokenizer has 420 pieces but .*config\.json says "
+                                         rf"vocab_size = 484.*bezoar_padded_vocab") as e:
+        check_vocab(tok, VOCAB + 64, config)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="420 pieces"):
+        check_vocab(tok, VOCAB + 64, tmp_path)                      # the folder: its config.json is read
+
+
+def test_padded_embeddings_said_in_config_json_or_by_the_caller_are_one_line_of_notice(tok, tmp_path, capfd):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"vocab_size": VOCAB + 64, "bezoar_padded_vocab": True}))
+    check_vocab(tok, VOCAB + 64, config)
+    out, err = capfd.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert re.fullmatch(r"note: .*tiny\.model has 420 pieces, .*config\.json vocab_size = 484: embedding rows "
+                        r"420…483 are padding, never produced\n", err)
+    config.write_text(json.dumps({"vocab_size": VOCAB + 64}))
+    check_vocab(tok, VOCAB + 64, config, allow_padded_vocab=True)
+    assert capfd.readouterr().err.count("\n") == 1
+    with pytest.raises(ValueError, match="ids ≥ 400 would overflow"):   # larger stays an error, padded or not
+        check_vocab(tok, 400, config, allow_padded_vocab=True)
+    config.write_text(json.dumps({"vocab_size": VOCAB + 64, "bezoar_padded_vocab": "yes"}))
+    with pytest.raises(ValueError, match="bezoar_padded_vocab is 'yes', expected true or false"):
+        check_vocab(tok, VOCAB + 64, config)
+
+
+def test_train_sft_refuses_a_512_piece_tokenizer_for_a_1024_vocab_model(tmp_path):
+    """The issue's case end to end: train_sft.py's load path (check_vocab after load_pretrained) stops
+    before any step, naming the tokenizer and the config."""
+    base = tmp_path / "base"
+    base.mkdir()
+    train_tokenizer(world.pretraining_text(600, 0), base / "tokenizer", 512)
+    config = replace(PRESETS["tiny"], vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    model = Llama(config)
+    model.init_weights(seed=0)
+    save_pretrained(model, str(base))
+    toml = tmp_path / "run.toml"
+    toml.write_text("\n".join([
+        f"base = {json.dumps(str(base))}", 'dtype = "float32"', 'device = "cpu"', 'quantize = "none"',
+        "batch_size = 2", "micro_batch_size = 1", "max_len = 96", "min_prompt_len = 16", "",
+        "[[stages]]", 'name = "lamini"', 'scheme = "lamini"', f"data = [{json.dumps(str(tmp_path / 'lamini.jsonl'))}]",
+        "toy_records = 8", "max_steps = 1"]) + "\n")
+    code, out = run_script("train_sft.py", "--config", toml, "--out_dir", tmp_path / "run")
+    assert code != 0, out[-2000:]
+    assert re.search(r"tokenizer\.model: tokenizer has 512 pieces but .*base/config\.json says vocab_size = 1024",
+                     out), out[-2000:]
+    assert "step=1" not in out and not (tmp_path / "run" / "lamini" / "merged").exists()
 
 
 def test_missing_or_corrupt_model_file_is_a_one_line_error_naming_it(tmp_path):

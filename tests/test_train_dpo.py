@@ -2,9 +2,12 @@
 the run writes a PEFT adapter and a merged checkpoint that equals it; a run killed by SIGTERM and resumed
 equals the uninterrupted run bit for bit; two gloo ranks give the loss curve of one process with twice the
 accumulation; cached reference log-probs equal independently computed ones and give the same training."""
+import gzip
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -19,7 +22,7 @@ from data.hh import hh_pairs
 from data.template import format_prompt
 from lora import load_adapter
 from losses import sequence_logps
-from micro_model import ENV, REPO, micro_model, run_script
+from micro_model import ENV, REPO, micro_model, run_apart, run_script
 from model import Tokenizer
 from model.loading import load_pretrained
 from toy import world
@@ -214,3 +217,27 @@ def test_shipped_configs_load_and_bad_settings_are_one_line_errors(reference, tm
         main(["--config", str(toml), "--out_dir", str(run), "--resume", "--beta", "0.2"])
     with pytest.raises(SystemExit, match="no config.json; base must be the merged HH-RLHF SFT checkpoint"):
         main(["--config", str(toml), "--out_dir", str(tmp_path / "x"), "--base", str(tmp_path)])
+
+
+def test_a_resume_refuses_other_pairs_logs_each_step_once_and_a_sigterm_after_the_merge_exits_0(reference):
+    """SIGKILL at step 5 with the checkpoint at 3 (and an evaluation logged at 4): the resume refuses a
+    training file rewritten with other pairs, then, on the right one, logs steps 4 and 5 and the evaluation
+    at 4 once more, once each. A SIGTERM during the toy evaluation after the merge exits 0."""
+    tmp, toml, ref, _ = reference
+    run, data = tmp / "fingerprint", tmp / "data" / "train.jsonl.gz"
+    code, out, err = run_apart("train_dpo.py", "--config", toml, "--out_dir", run, kill_at="step=5",
+                               sig=signal.SIGKILL)
+    assert code == -signal.SIGKILL, out[-3000:]
+    kept = data.read_bytes()
+    data.write_bytes(gzip.compress(b"".join(gzip.decompress(kept).splitlines(keepends=True)[::-1])))  # reordered
+    code, out, err = run_apart("train_dpo.py", "--config", toml, "--out_dir", run, "--resume")
+    assert code == 1 and err[-1] == f"{data}: not what {run}/checkpoint.pt was trained on (its data fingerprint " \
+                                    f"differs); restore it, or start the run again in another out_dir", err
+    data.write_bytes(kept)
+    code, out, err = run_apart("train_dpo.py", "--config", toml, "--out_dir", run, "--resume", "--eval_toy", 2,
+                               kill_at="saved")
+    assert code == 0 and "resuming at step 3 of 10" in out, out[-3000:]
+    assert re.search(r"metrics.jsonl: removed [23] line\(s\) logged after step 3, which follow again", out), out
+    assert "SIGTERM: all work was saved" in out, out[-2000:]
+    assert [values(r) for r in records(run, "")] == [values(r) for r in records(ref, "")]    # each step once
+    assert not (run / ".lock").exists()

@@ -3,6 +3,8 @@ that load; a run killed by SIGTERM and resumed equals the uninterrupted run bit 
 the loss curve of one process with twice the accumulation; configs reject unknown keys."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 
 from config import load_config
 from lora import load_adapter
-from micro_model import ENV, REPO, micro_model, run_script
+from micro_model import ENV, REPO, micro_model, run_apart, run_script
 from model.loading import load_pretrained
 from train_sft import SFTConfig, main, micro_batches
 
@@ -155,3 +157,47 @@ def test_shipped_configs_load_and_a_fresh_run_refuses_an_existing_run_folder(ref
     _, toml, run, _ = reference
     with pytest.raises(SystemExit, match="already holds stage"):
         main(["--config", str(toml), "--out_dir", str(run)])
+
+
+def test_a_resume_checks_data_and_start_and_after_sigkill_logs_each_step_once(tmp_path, base):
+    """SIGKILL at step 7 with the checkpoint at 5: the resume refuses other data and a rewritten start (one
+    line naming the file), then logs steps 6 and 7 again, once each. A SIGTERM that comes after the last
+    stage was saved (here during the toy evaluation) exits 0: all the work is saved."""
+    toml = micro_toml(tmp_path, base, stages=("lamini",))
+    run, data = tmp_path / "run", tmp_path / "data" / "lamini.jsonl"
+    code, out, err = run_apart("train_sft.py", "--config", toml, "--out_dir", run, kill_at="stage=lamini step=7",
+                               sig=signal.SIGKILL)
+    assert code == -signal.SIGKILL and (run / ".lock").exists(), out[-3000:]     # the lock of a dead run
+    (run / "lamini" / f".merged.partial.tmp-{dead_pid()}").mkdir()               # as a kill mid-merge leaves
+    kept = data.read_bytes()
+    data.write_bytes(b"".join(kept.splitlines(keepends=True)[:40]))              # the same path, other records
+    code, out, err = run_apart("train_sft.py", "--config", toml, "--out_dir", run, "--resume")
+    ckpt = run / "lamini" / "checkpoint.pt"
+    assert code == 1 and err[-1] == f"{data}: not what {ckpt} was trained on (its data fingerprint differs); " \
+                                    f"restore it, or start the run again in another out_dir", err
+    assert len(err) == 2 and re.fullmatch(rf"{re.escape(str(run))}: taking over the lock of pid \d+ on \S+, which is "
+                                          rf"no longer running", err[0]), err
+    data.write_bytes(kept)
+    weights, st = base / "model.safetensors", os.stat(base / "model.safetensors")
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))               # the start rewritten
+    try:
+        code, out, err = run_apart("train_sft.py", "--config", toml, "--out_dir", run, "--resume")
+    finally:
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert code == 1 and err == [f"{base}: not what {ckpt} was trained on (its start fingerprint differs); "
+                                 f"restore it, or start the run again in another out_dir"], err
+    code, out, err = run_apart("train_sft.py", "--config", toml, "--out_dir", run, "--resume", "--eval_toy", 2,
+                               kill_at="[lamini] saved")
+    assert code == 0 and "[lamini] resuming at step 5 of 16" in out, out[-3000:]
+    assert re.search(r"removed [12] line\(s\) logged after step 5, which follow again", out)   # 6, 7 (if written)
+    assert "SIGTERM: all work was saved" in out and "continue with --resume" not in out, out[-2000:]
+    assert [(r["stage"], r["step"]) for r in map(json.loads, open(run / "metrics.jsonl"))] == \
+        [("lamini", s) for s in range(1, 17)]
+    assert sorted(os.listdir(run / "lamini")) == ["adapter", "checkpoint.pt", "merged"]   # the temp folder went
+    assert any("removing what pid" in line for line in err) and not (run / ".lock").exists()
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

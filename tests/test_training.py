@@ -469,5 +469,5 @@ def test_checkpoint_blocks_is_a_config_field_checked_at_load(script, cls):
     path = os.path.join(REPO, "configs", "tiny.toml" if script == "train_sft" else "dpo-tiny.toml")
     assert load_config(config_cls, ["--config", path, "--checkpoint_blocks", "3"]).checkpoint_blocks == 3
     assert load_config(config_cls, ["--config", path]).checkpoint_blocks is None
-    with pytest.raises(SystemExit, match="checkpoint_blocks is -1, expected ≥ 0"):   # the one-line CLI error
+    with pytest.raises(SystemExit, match="command line: key 'checkpoint_blocks' is -1, expected an integer ≥ 0"):
         load_config(config_cls, ["--config", path, "--checkpoint_blocks", "-1"])

@@ -29,7 +29,8 @@ position t predicts token t+1; the last position of a row predicts nothing).
 The rows are shuffled once per epoch with a seeded generator; the run is a pure function of the config.
 
 Output (a Hugging Face LLaMA folder that train_sft.py, transformers and vLLM read):
-    runs/base/config.json, model.safetensors, tokenizer.model, train_config.toml, metrics.jsonl
+    runs/base/config.json, model.safetensors, tokenizer.model, tokenizer_config.json, special_tokens_map.json,
+    generation_config.json, train_config.toml, metrics.jsonl
 
 Shapes: B batch, T tokens per row.
 """
@@ -78,6 +79,12 @@ class BaseConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = 1.0            # clip the global gradient norm (0 = no clipping)
     log_every: int = 50                   # steps between log lines (stdout and metrics.jsonl)
+
+    # Allowed values, checked as the config is read (config.py): "(0, inf)" is > 0, "[0, 1)" is 0 ≤ x < 1.
+    RANGES = {"seed": "[0, inf)", "hidden_size": "[1, inf)", "intermediate_size": "[1, inf)",
+              "num_hidden_layers": "[1, inf)", "num_attention_heads": "[1, inf)", "lr": "(0, inf)",
+              "warmup_steps": "[0, inf)", "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)", "betas": "[0, 1)",
+              "max_grad_norm": "[0, inf)"}
 
     def __post_init__(self):
         if self.vocab_size < 260:
@@ -161,15 +168,16 @@ def main(argv=None):
             losses, tokens = [], 0
     logger.close()
 
-    # --- save: weights + config.json, the tokenizer beside them, the resolved config
-    save_pretrained(model.eval(), os.path.join(tmp, "model"))
+    # --- save: weights + config.json, the tokenizer's files beside them (transformers and vLLM need
+    # tokenizer_config.json to prepend BOS), the resolved config
+    save_pretrained(model.eval(), os.path.join(tmp, "model"), tokenizer=tok)
     for name in os.listdir(os.path.join(tmp, "model")):
         os.replace(os.path.join(tmp, "model", name), os.path.join(tmp, name))
     os.rmdir(os.path.join(tmp, "model"))
     dump_config(cfg, os.path.join(tmp, "train_config.toml"))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    print(f"saved {out}/ (config.json, model.safetensors, tokenizer.model) in {time.time() - t0:.0f} s")
+    print(f"saved {out}/ (config.json, model.safetensors, tokenizer.model and its configs) in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

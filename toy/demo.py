@@ -50,7 +50,7 @@ def main(argv=None):
     model.init_weights(seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     ckpt = os.path.join(args.out, "model")
-    save_pretrained(model, ckpt)
+    save_pretrained(model, ckpt, tokenizer=tok)      # a complete folder: transformers and vLLM load it as is
     model = load_pretrained(ckpt)
     check_vocab(tok, model.config.vocab_size, ckpt)
     print(f"model: tiny LLaMA, {n_params / 1e6:.2f} M parameters, saved to and reloaded from {ckpt}/")
