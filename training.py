@@ -557,15 +557,17 @@ def restore_trainable(ckpt, params, optimizer, where):
 def save_adapter_and_merged(model, start, directory, tokenizer_path, dtype=None):
     """The end of a stage: <directory>/adapter, the model's adapters in PEFT format, and <directory>/merged,
     a Hugging Face folder holding `start`'s 16/32-bit weights with W + B A · α/r merged in (not the NF4
-    copy; one tensor at a time, stored as `dtype`, default start's), plus tokenizer.model. merged/ is
+    copy; one tensor at a time, stored as `dtype`, default start's), plus the tokenizer's files
+    (tokenizer.model, tokenizer_config.json with the chat template, special_tokens_map.json,
+    generation_config.json: model/tokenizer.py write_tokenizer_files). merged/ is
     written as merged.partial and renamed into place complete, so its existence means the stage finished.
     Returns the number of merged weights. Call on the main rank."""
     from lora import merge_into_checkpoint, save_adapter                  # here: training.py stays light
+    from model.tokenizer import Tokenizer
     save_adapter(model, os.path.join(directory, "adapter"), base_model_name_or_path=start)
     # A folder, not a file: published by one rename once complete (files.atomic_write replaces single files).
     merging = os.path.join(directory, "merged.partial")
-    n = merge_into_checkpoint(model, start, merging, dtype=dtype)
-    shutil.copyfile(tokenizer_path, os.path.join(merging, "tokenizer.model"))
+    n = merge_into_checkpoint(model, start, merging, dtype=dtype, tokenizer=Tokenizer(tokenizer_path))
     os.replace(merging, os.path.join(directory, "merged"))
     return n
 
