@@ -139,8 +139,10 @@ def test_a_conversation_ending_in_an_assistant_turn_renders_the_sft_training_tex
     messages = CONVERSATIONS["multi-turn, as the HH stage"][0] + [{"role": "assistant", "content": "Sometimes."}]
     prompt = CONVERSATIONS["multi-turn, as the HH stage"][1]
     assert theirs.apply_chat_template(messages, tokenize=False) == "<s>" + prompt + "Sometimes.</s>"
+    # Tokenized as one text (as transformers does; bezoar's SFT encodes prompt and response apart, so the ids
+    # at their seam may differ): exactly our tokenizer on that text.
     ids = theirs.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    assert ids == tok.encode(prompt) + tok.encode("Sometimes.", bos=False, eos=True)
+    assert ids == tok.encode(prompt + "Sometimes.", eos=True)
 
 
 @pytest.mark.parametrize("messages", [
@@ -152,7 +154,8 @@ def test_a_conversation_ending_in_an_assistant_turn_renders_the_sft_training_tex
 ], ids=["empty", "system only", "assistant first", "two user turns", "blank turn"])
 def test_conversations_the_template_cannot_express_are_refused(folders, messages):
     theirs = AutoTokenizer.from_pretrained(str(folders[2]))
-    with pytest.raises(Exception, match="OpenBezoar chat: "):
+    # An empty list transformers refuses itself, before the template runs.
+    with pytest.raises(Exception, match="OpenBezoar chat: |empty conversation"):
         theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
