@@ -25,7 +25,10 @@ own repository ships them): tokenizer_config.json (LlamaTokenizer, add_bos_token
 the special pieces, `legacy` true — the behaviour OpenLLaMA's config, which predates the key, loads with:
 text after a special token gets its "▁" prefix, as sp.encode gives it — and the OpenBezoar `chat_template`
 from data/hh.py), special_tokens_map.json and generation_config.json (bos, eos, pad ids). pad is the piece
-of pad_id, <unk> (0) for OpenLLaMA, so that padding in those tools uses the row bezoar pads with.
+of pad_id, <unk> (0) for OpenLLaMA, so that padding in those tools uses the row bezoar pads with. One
+difference remains, transformers' own: its LlamaTokenizer adds the "▁" dummy prefix only where the text does
+not start with a space, so a text beginning with a space gets one "▁" piece fewer than SentencePiece gives it
+(tests/test_tokenizer_files.py); no prompt bezoar builds begins with one.
 """
 
 import io

