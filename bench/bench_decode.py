@@ -4,8 +4,8 @@
 
 Both models share the very same weight tensors (transformers' LlamaForCausalLM gets ours through
 load_state_dict(assign=True)), both decode greedily from the same prompt, and the report gives how many
-of the new tokens they chose alike (all of them in fp32; in bf16 our CPU paths for RMSNorm, rotary and SwiGLU,
-cpu/block.c, round once where transformers' ops round several times, and the random weights' nearly flat
+of the new tokens they chose alike (all of them in fp32; in bf16 our CPU path for RMSNorm,
+cpu/rmsnorm.c, rounds once where transformers' ops round several times, and the random weights' nearly flat
 logits let a near-tie flip). Decode rate =
 (N2 − N1) / (t(N2) − t(N1)) for N1 and N2 new tokens, so the prompt's prefill cancels out; the prefill time
 is reported on its own. Batch 1, the usual chat setting.
@@ -108,7 +108,7 @@ def main():
     print(f"{'dtype':9} {'ours tok/s':>10} {'peer tok/s':>10} {'speedup':>7} {'ours GB/s':>9} {'peer GB/s':>9} "
           f"{'prefill ours/peer s':>19} {'same tokens':>11} {'peak RSS GB':>11}")
     print("(same tokens: how many of the first new tokens both sides chose alike; in bf16 the CPU paths round in\n"
-          " other places (cpu/block.c), and random weights give nearly flat logits, so a near-tie can flip)")
+          " other places (cpu/rmsnorm.c), and random weights give nearly flat logits, so a near-tie can flip)")
     results = []
     for dtype in args.dtypes.split(","):
         r = run_child(__file__, folder, dtype, args.layers)

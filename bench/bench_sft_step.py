@@ -195,18 +195,17 @@ PROFILE_GROUPS = {   # torch.profiler operator name -> group (self CPU time); se
     "matmul": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::baddbmm"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                   "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
-                  "aten::bmm", "CausalAttentionBackward"),           # ours: backward's products, its sweep
+                  "aten::bmm"),
     "rng": ("aten::random_", "aten::bernoulli_", "aten::uniform_"),
 }
 
 
 def profile_groups(step):
     """Run step() once under torch.profiler; its self CPU time in ms per group: matmul, attention (the
-    fused SDPA kernels; for ours also the batched products and the softmax sweep of attention's backward,
-    cpu/block.py's CausalAttention; neither side has other bmm), rng (dropout's random draws: the peer's masks; ours draws one seed a call), aten
+    fused SDPA kernels and their batched products; neither side has other bmm), rng (dropout's random draws: the peer's masks; ours draws one seed a call), aten
     (every other operator: elementwise, copies, softmax, reductions), python (what no operator accounts for:
     autograd Functions' Python code and, for ours, the C kernels they call through ctypes (NF4, dropout,
-    RMSNorm, rotary, the loss's softmax), the engine, module calls; the profiler's own per-operator cost
+    RMSNorm, the loss's softmax), the engine, module calls; the profiler's own per-operator cost
     lands here too)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:

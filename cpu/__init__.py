@@ -14,7 +14,7 @@ slower bezoar.
 
     build.py    builds cpu/*.c once per machine (cached), loads them with ctypes; the switch
     kernels.h   what the kernels share: bf16 conversion, a vectorised exp
-    block.*     RMSNorm, rotary embeddings, SwiGLU, causal attention's backward
+    rmsnorm.*   RMSNorm forward and backward, one sweep each
     losses.*    the frozen-lm_head loss's softmax pass
     nf4.*       NF4 dequantisation, and the tiled 4-bit matmuls built on it
     dropout.*   counter-based dropout (a mask recomputed from a seed, not stored)
@@ -22,17 +22,16 @@ slower bezoar.
 """
 import torch
 
-from cpu import block, build, dropout, losses, nf4
-from cpu.block import causal_attention, rms_norm, rotary, swiglu
+from cpu import build, dropout, losses, nf4, rmsnorm
 from cpu.losses import token_logps_chunk
 from cpu.lora import lora_linear
 from cpu.nf4 import dequantize_nf4, nf4_linear, nf4_linear_grad_input
+from cpu.rmsnorm import rms_norm
 
 DTYPES = (torch.float32, torch.bfloat16)     # what the kernels compute in
 
 # path name → the C kernel it needs (its library must have built here)
-KERNELS = {"rms_norm": block.KERNEL, "rotary": block.KERNEL, "swiglu": block.KERNEL, "attention": block.KERNEL,
-           "loss": losses.KERNEL, "nf4": nf4.KERNEL, "lora": dropout.KERNEL}
+KERNELS = {"rms_norm": rmsnorm.KERNEL, "loss": losses.KERNEL, "nf4": nf4.KERNEL, "lora": dropout.KERNEL}
 
 
 def enabled(path: str, *tensors) -> bool:

@@ -9,9 +9,9 @@ Deltas from the original Transformer (Vaswani et al. 2017):
 
 Module names are Hugging Face's, so `state_dict()` keys are the checkpoint's keys.
 
-On the CPU, RMSNorm, rotary, SwiGLU and causal attention's backward may take a speed path of cpu/block.py,
-one `if cpu.enabled(...)` line at each site; the code after it is what CUDA runs, and what the CPU runs with
-BEZOAR_C_KERNELS=0 (tests/cpu/test_block_kernels.py holds each path to it).
+On the CPU, RMSNorm may take a speed path of cpu/rmsnorm.py, one `if cpu.enabled(...)` line; the code after it
+is what CUDA runs, and what the CPU runs with BEZOAR_C_KERNELS=0 (tests/cpu/test_rms_norm_kernel.py holds the
+path to it).
 
 Shapes: B batch, T new tokens, S keys (cached + new), D hidden (3200), H heads (32), Hkv key/value
 heads (32), Dh head dim (100), F MLP (8640), V vocab (32000).
@@ -100,19 +100,11 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)                     # [B, T, H, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)                  # [B, T, Hkv, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        if cpu.enabled("rotary", q, k, cos, sin):
-            q, k = cpu.rotary(q, cos, sin), cpu.rotary(k, cos, sin)                    # [B, H(kv), T, Dh]
-        else:
-            q = apply_rotary(q.transpose(1, 2), cos, sin)                              # [B, H, T, Dh]
-            k = apply_rotary(k.transpose(1, 2), cos, sin)                              # [B, Hkv, T, Dh]
+        q = apply_rotary(q.transpose(1, 2), cos, sin)                                  # [B, H, T, Dh]
+        k = apply_rotary(k.transpose(1, 2), cos, sin)                                  # [B, Hkv, T, Dh]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                                      # [B, Hkv, S, Dh]
-        # The CPU path's written-out backward is for plain causal training: no mask, no cache, no GQA.
-        if (mask is None and cache is None and self.n_kv_heads == self.n_heads and torch.is_grad_enabled()
-                and cpu.enabled("attention", q, k, v)):
-            y = cpu.causal_attention(q, k, v)                                          # [B, H, T, Dh]
-        else:
-            y = attention(q, k, v, mask, gqa=self.n_kv_heads != self.n_heads)          # [B, H, T, Dh]
+        y = attention(q, k, v, mask, gqa=self.n_kv_heads != self.n_heads)              # [B, H, T, Dh]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)              # [B, T, H·Dh]
         return self.o_proj(y)                                                          # [B, T, D]
 
@@ -150,10 +142,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(Fw, D, bias=False)
 
     def forward(self, x):                                                 # [B, T, D]
-        gate, up = self.gate_proj(x), self.up_proj(x)                     # [B, T, F] ×2
-        if cpu.enabled("swiglu", gate, up):
-            return self.down_proj(cpu.swiglu(gate, up))                   # [B, T, D]
-        return self.down_proj(F.silu(gate) * up)                          # [B, T, D]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # [B, T, F] → [B, T, D]
 
 
 class Block(nn.Module):

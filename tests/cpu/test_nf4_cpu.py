@@ -175,8 +175,8 @@ def test_the_kernels_run_on_torchs_own_openmp_runtime():
     on torch's thread pool (Linux with torch's GNU OpenMP). Other wheels may bring their own renamed copies
     (sentencepiece's libgomp-<hash>.so.1): those are theirs, under another name."""
     import sys
-    from cpu import block, dropout, losses
-    for kernel in (cpu_nf4.KERNEL, dropout.KERNEL, block.KERNEL, losses.KERNEL):
+    from cpu import dropout, losses, rmsnorm
+    for kernel in (cpu_nf4.KERNEL, dropout.KERNEL, rmsnorm.KERNEL, losses.KERNEL):
         assert kernel.lib is not None, kernel.status
     if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("the runtime check reads /proc/self/maps and applies to torch built with GNU OpenMP")
