@@ -173,6 +173,65 @@ def test_each_script_stops_at_once_on_a_folder_held_by_another_run(tmp_path, sle
     assert sorted(os.listdir(folder)) == [lock.name]    # nothing else written
 
 
+HOLDER = """
+import contextlib, runpy, sys
+sys.path.insert(0, {repo!r})
+import files
+taken = files.lock_folder
+
+
+@contextlib.contextmanager
+def lock_and_hold(*args, **kwargs):          # the script's own lock_folder, then held until the test says
+    with taken(*args, **kwargs) as lock:
+        sys.stdin.readline()
+        yield lock
+
+
+files.lock_folder = lock_and_hold
+print("ready", flush=True)
+sys.stdin.readline()                         # both start the script at once
+sys.argv = {argv!r}
+if sys.argv[0] == "-m":
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("case", range(6),
+                         ids=["train_sft", "train_dpo", "generate", "filter", "mt-bench", "make-data"])
+def test_of_two_runs_of_each_script_started_together_one_holds_the_folder_and_the_other_stops(tmp_path, case):
+    """Each process runs the script itself (its argument parsing, its imports, its own call of lock_folder),
+    released together; the one that takes the lock keeps it until the other has exited, so the two overlap
+    whatever their start-up times."""
+    name, argv, folder, output = script_cases(tmp_path)[case]
+    code = HOLDER.format(repo=REPO, argv=[str(a) for a in argv])
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout.readline() == "ready\n"
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        deadline = time.monotonic() + 60
+        while all(p.poll() is None for p in procs):      # the holder waits on stdin: only the other can end
+            assert time.monotonic() < deadline, "neither stopped: both hold the folder"
+            time.sleep(0.05)
+        (loser,) = [p for p in procs if p.poll() is not None]
+        (holder,) = [p for p in procs if p is not loser]
+        err = loser.stderr.read()
+        assert loser.returncode == 1 and len(err.splitlines()) == 1, err[-2000:]
+        assert held_message(folder / output if output else folder, holder.pid).fullmatch(err.strip()), err
+        lock = folder / (f".{output}.lock" if output else ".lock")
+        assert lock.read_text().startswith(f"{holder.pid} {HOST} ")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return micro_model(tmp_path_factory.mktemp("base"))[0]
