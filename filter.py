@@ -39,6 +39,7 @@ from synth.records import RECORD_FIELDS, AppendLog
 PROMPTS = Path(__file__).with_name("synth") / "prompts"
 JUDGE_PROMPT = (PROMPTS / "judge.txt").read_text(encoding="utf-8")
 RETRY_PROMPT = (PROMPTS / "judge_retry.txt").read_text(encoding="utf-8")
+THRESHOLD = 7.0   # keep ratings ≥ this (--threshold's default; also the embedded default's on-policy pairs)
 
 
 def parse_args(argv):
@@ -46,7 +47,7 @@ def parse_args(argv):
     p.add_argument("--in", dest="inputs", nargs="+", required=True, help="generated JSONL files (synth/SCHEMA.md)")
     p.add_argument("--out", required=True, help="every judged record; re-running with the same --out resumes")
     p.add_argument("--filtered", required=True, help="the records rated ≥ --threshold")
-    p.add_argument("--threshold", type=float, default=7.0,
+    p.add_argument("--threshold", type=float, default=THRESHOLD,
                    help="keep ratings ≥ this; ours is 1–10, the paper's scale and cut-off are not published")
     p.add_argument("--parse-retries", type=int, default=2, help="re-asks when the judge's reply has no rating")
     p.add_argument("--rating-column", help="released mode: rate SurgeGlobal rows from this column, e.g. gpt4_rating")

@@ -61,7 +61,9 @@ matches.
 
 The embedded default (configs/dpo-tiny.toml; its stand-ins are toy/'s): toy_records > 0 with a missing data
 file writes it from the toy world first (toy_eval_records likewise for the held-out file, from the toy world's
-held-out split; toy.write_pair_data); eval_toy > 0 scores the start (SFT) and the merged DPO model on held-out
+held-out split; toy.write_pair_data: toy_pairs "static" pairs the gold answer with a make_wrong one, "on_policy"
+with the SFT model's own wrong samples, toy/pairs.py); with eval_toy > 0 training pairs that ask held-out
+tasks are refused (toy.check_heldout), and eval_toy scores the start (SFT) and the merged DPO model on held-out
 toy tasks (greedy exact match, toy.record_eval and toy.report_dpo) into <out_dir>/eval_toy.json and stdout.
 
 Shapes: B pairs in a micro-batch, T tokens, D hidden, N pairs in the data.
@@ -117,6 +119,11 @@ class DPOConfig:
     eval_first_n: Optional[int] = 1000    # read only the first N held-out records (none: all)
     toy_records: int = 0                  # embedded default: if data[0] is missing, write this many toy pairs
     toy_eval_records: int = 0             # and this many held-out toy pairs to eval_data[0] if it is missing
+    toy_pairs: Literal["static", "on_policy"] = "static"  # toy pairs' rejected side: a make_wrong answer
+                                          # (world.hh_pairs), or the SFT model's own wrong or unfinished
+                                          # samples judged as filter.py judges (toy/pairs.py)
+    toy_samples: int = 4                  # on_policy: samples per toy task
+    toy_temperature: float = 1.0          # on_policy: sampling temperature (0: greedy)
     epochs: int = 1                       # passes over the pairs (paper: 1)
     max_steps: Optional[int] = None       # stop after this many optimizer steps (none: all epochs)
     resume: bool = False                  # continue the run in out_dir (a bare --resume means true)
@@ -168,7 +175,8 @@ class DPOConfig:
 
     # Allowed values, checked as the config is read (config.py): "(0, inf)" is > 0, "[0, 1)" is 0 ≤ x < 1.
     RANGES = {"first_n": "[1, inf)", "eval_first_n": "[1, inf)", "toy_records": "[0, inf)",
-              "toy_eval_records": "[0, inf)", "epochs": "[1, inf)", "max_steps": "[1, inf)", "seed": "[0, inf)",
+              "toy_eval_records": "[0, inf)", "toy_samples": "[1, inf)", "toy_temperature": "[0, inf)",
+              "epochs": "[1, inf)", "max_steps": "[1, inf)", "seed": "[0, inf)",
               "lora_r": "[1, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)", "beta": "(0, inf)",
               "label_smoothing": "[0, 0.5)", "rpo_alpha": "[0, inf)", "lr": "(0, inf)", "warmup_ratio": "[0, 1)",
               "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)", "betas": "[0, 1)", "max_grad_norm": "[0, inf)",
@@ -370,11 +378,13 @@ def train(cfg, rank, world_size, device):
 
     # --- data: toy files first (embedded default), then the pairs, tokenised prompt once + each response
     if (cfg.toy_records or cfg.toy_eval_records) and is_main():
-        toy.write_pair_data(cfg)                        # the embedded default: the toy files, if missing
+        toy.write_pair_data(cfg, device)                # the embedded default: the toy files, if missing
     if dist.is_initialized():
         dist.barrier()                                  # the toy files exist before any rank reads them
     pairs, stats = read_pairs(cfg.data, "train", cfg.first_n)
     eval_pairs, eval_stats = read_pairs(cfg.eval_data, "test", cfg.eval_first_n)
+    if cfg.eval_toy:                                    # the embedded default: no held-out task in training
+        toy.check_heldout(pairs, f"data ({', '.join(cfg.data)})")
     rows, tok_stats = tokenize_pairs(tok, pairs, cfg.max_len, cfg.min_prompt_len)
     eval_rows, eval_tok_stats = tokenize_pairs(tok, eval_pairs, cfg.max_len, cfg.min_prompt_len)
     if is_main():

@@ -204,6 +204,8 @@ def train_stage(cfg, i, stage, start, tok, rank, world_size, device, stop, logge
     if dist.is_initialized():
         dist.barrier()                                  # the toy file exists before any rank reads it
     examples, stats = stage_examples(stage)
+    if cfg.eval_toy:                                    # the embedded default: no held-out task in training
+        toy.check_heldout(examples, f"stage {stage.name}'s data ({', '.join(stage.data)})")
     rows, tok_stats = tokenize_examples(tok, examples, cfg.max_len, cfg.min_prompt_len)
     if is_main():
         print(f"{tag} {stats}\n{tag} {tok_stats}")

@@ -34,7 +34,7 @@ class HarnessConfig:
     adapter: Optional[str] = None         # a PEFT LoRA adapter folder applied on the model (e.g. DPO's)
     # Task names, comma-separated: arc_challenge, arc_easy, hellaswag, mmlu (its 57 subjects) or
     # mmlu_<subject>, truthfulqa_mc1, truthfulqa_mc2, boolq, piqa, openbookqa, gsm8k, winogrande,
-    # toy_mc, toy_gen
+    # toy_mc, toy_format_mc, toy_gen
     tasks: list[str] = field(default_factory=list)
     # Instead of tasks: open_llm_v1 = the Open LLM Leaderboard v1 (ARC-Challenge 25-shot acc_norm,
     # HellaSwag 10-shot acc_norm, MMLU 5-shot acc, TruthfulQA 0-shot mc2, Winogrande 5-shot acc when its

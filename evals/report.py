@@ -6,11 +6,15 @@ The checkpoints, in recipe order: the base the SFT run started from (its config.
 stage's merged model (<sft-run>/<stage>/merged, LaMini → Orca → Evol-Instruct → HH-RLHF), and the DPO model
 (<dpo-run>/merged). Each one is scored on
     toy exact match   greedy answers to held-out toy tasks, checked by toy/world.py (train_sft.py's measure)
-    harness tasks     log-likelihood tasks through evals/harness.py; default toy_mc, the held-out toy tasks as
-                      multiple choice (the gold answer against plausible wrong ones), scored as lm-eval does
+    harness tasks     log-likelihood tasks through evals/harness.py, scored as lm-eval does; default toy_mc
+                      (held-out toy tasks, the gold answer against plausible wrong ones: what the model
+                      knows) and toy_format_mc (the gold response against the same fact in pretraining's
+                      prose: whether it answers as instructed)
     MT-Bench          when a judge endpoint is set (JUDGE_URL or JUDGE_MODEL, …; see chat_api.py): our
                       answers to MT-Bench's questions graded by the judge (evals/mt_bench.py), the overall
                       mean (1-10) per checkpoint; skipped, and said so, without a judge
+DPO against the SFT model it starts from (the last stage): the paired difference of their toy exact match on
+the same tasks, with its standard error (toy/eval.py paired_difference), in results.json's "dpo_vs_sft".
 Writes <out>/results.json (every figure), <out>/results.md (the table, also printed) and <out>/report.png:
 the training curves (base pretraining loss, SFT loss per stage, DPO loss and reward accuracy) and the scores
 per checkpoint.
@@ -31,7 +35,7 @@ from evals.mt_bench_judge import summarize  # noqa: E402
 from files import atomic_write, read_jsonl, write_text_atomic  # noqa: E402
 from model import Tokenizer  # noqa: E402
 from model.loading import load_pretrained  # noqa: E402
-from toy.eval import heldout_exact_match  # noqa: E402
+from toy.eval import heldout_checks, paired_difference  # noqa: E402
 from train_sft import SFTConfig  # noqa: E402
 from training import resolve_device  # noqa: E402
 
@@ -41,8 +45,8 @@ def parse_args(argv):
     p.add_argument("--sft-run", default="runs/tiny", help="train_sft.py's out_dir (holds config.toml)")
     p.add_argument("--dpo-run", default="runs/tiny-dpo", help="train_dpo.py's out_dir (merged/, metrics.jsonl)")
     p.add_argument("--out", default="runs/eval", help="folder for results.json, results.md, report.png")
-    p.add_argument("--toy-tasks", type=int, default=200, help="held-out toy tasks per checkpoint (0 = none)")
-    p.add_argument("--tasks", default="toy_mc", help="harness tasks, comma-separated ('' = none)")
+    p.add_argument("--toy-tasks", type=int, default=500, help="held-out toy tasks per checkpoint (0 = none)")
+    p.add_argument("--tasks", default="toy_mc,toy_format_mc", help="harness tasks, comma-separated ('' = none)")
     p.add_argument("--limit", type=int, default=None, help="at most this many documents per harness task")
     p.add_argument("--mt-bench-max-new-tokens", type=int, default=256, help="MT-Bench answer budget per turn")
     p.add_argument("--dtype", default="float32", help="compute dtype for scoring (float32, bfloat16)")
@@ -135,7 +139,8 @@ def main(argv=None):
         model = load_pretrained(folder, dtype=args.dtype, device=device)
         row, detail = {}, {"checkpoint": folder}
         if args.toy_tasks:
-            row["toy exact_match"] = heldout_exact_match(model, tok, args.toy_tasks, args.seed, 64)
+            detail["toy_right"] = [int(r) for r in heldout_checks(model, tok, args.toy_tasks, args.seed, 64)]
+            row["toy exact_match"] = sum(detail["toy_right"]) / args.toy_tasks
         if tasks:
             results = harness.evaluate(model, tok, tasks, limit=args.limit)
             detail["harness"] = results
@@ -157,6 +162,12 @@ def main(argv=None):
 
     names = [n for n, _ in found]
     md = markdown(table, names)
+    results = {"table": table}
+    if args.toy_tasks:                                  # the SFT model is the last stage, right before dpo
+        d = paired_difference(details[names[-2]]["toy_right"], details["dpo"]["toy_right"])
+        results["dpo_vs_sft"] = {"sft": names[-2], **d}
+        md += (f"\n\nDPO − {names[-2]} (toy exact match, paired over {d['tasks']} tasks): {d['difference']:+.4f} ± "
+               f"{d['se']:.4f} (SE), {d['z']:.1f} SE; {d['better']} tasks gained, {d['worse']} lost.")
     if not judge:
         md += "\n\nMT-Bench: not run (no judge endpoint: set JUDGE_URL / JUDGE_MODEL / JUDGE_API_KEY, see README)."
     print(md)
@@ -165,7 +176,6 @@ def main(argv=None):
               read_metrics(os.path.join(args.dpo_run, "metrics.jsonl")))
     png = os.path.join(args.out, "report.png")
     plot(png, curves, table, names)
-    write_text_atomic(os.path.join(args.out, "results.json"), json.dumps({"table": table, "details": details},
-                                                                         indent=2))
+    write_text_atomic(os.path.join(args.out, "results.json"), json.dumps({**results, "details": details}, indent=2))
     write_text_atomic(os.path.join(args.out, "results.md"), md + "\n")
     print(f"wrote {args.out}/results.json, results.md, report.png")

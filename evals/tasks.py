@@ -380,6 +380,31 @@ def toy_mc(n=TOY_N, seed=TOY_SEED):
                 target_delimiter="")
 
 
+def _toy_format_mc_doc(t, rng):
+    """The gold response in the instruction-following format the SFT data teaches, against the same true fact
+    in pretraining's prose (two ways, no "Answer:" line) and a wrong answer in the taught format."""
+    f, slots = world.FAMILIES[t.family], world.render(t.family, t.operands)
+    prose = [f.statements[1].format(**slots), f"{f.doing[0]} {f.about[0]}".format(**slots)]
+    wrong = world.make_wrong(t, rng)
+    choices = [world.reference_response(t), *prose, f"{world.restatement(t, wrong)}\nAnswer: {wrong}"]
+    order = list(range(len(choices)))
+    rng.shuffle(order)
+    return Doc(world.task_prompt(t), [choices[i] for i in order], order.index(0), answer=t.answer, item=t)
+
+
+def toy_format_mc(n=TOY_N, seed=TOY_SEED):
+    """Held-out toy tasks, 4-way: does the model answer as instructed? The gold response ("7 plus 5 is 12.\n
+    Answer: 12") against the same true fact in pretraining's prose ("The sum of 7 and 5 is 12."; "We add 7 and
+    5. Their sum is 12.") and a wrong answer in the gold's format. A base model that knows the facts but not
+    the format prefers the prose (toy_mc cannot show this: its choices differ only in the answer)."""
+    rng = random.Random(f"toy_format_mc-{seed}")
+    docs = [_toy_format_mc_doc(t, rng) for t in world.heldout_tasks(n, seed)]
+    train = random.Random(f"toy_format_mc-train-{seed}")
+    pool = [_toy_format_mc_doc(world.sample_task(train, "train"), train) for _ in range(64)]
+    return Task("toy_format_mc", "multiple_choice", docs, pool, "toy train split",
+                f"toy/world.py heldout_tasks({n}, {seed})", target_delimiter="")
+
+
 def toy_gen(n=TOY_N, seed=TOY_SEED):
     """Held-out toy tasks answered greedily; exact match by toy/world.py's check."""
     docs = [Doc(world.task_prompt(t), [], answer=t.answer, item=t) for t in world.heldout_tasks(n, seed)]
@@ -405,6 +430,7 @@ READERS = {
     "gsm8k": gsm8k,
     "winogrande": winogrande,
     "toy_mc": lambda d: toy_mc(),
+    "toy_format_mc": lambda d: toy_format_mc(),
     "toy_gen": lambda d: toy_gen(),
 }
 

@@ -219,3 +219,19 @@ def test_a_checkpoint_folder_without_config_json_is_named_before_anything_is_sco
     message = str(e.value)
     assert message.startswith(str(dpo / "merged" / "config.json") + ": not found") and "\n" not in message
     assert not (tmp_path / "eval").exists()                            # failed before scoring base and SFT
+
+
+def test_dpo_against_the_sft_model_is_the_paired_difference_on_the_same_tasks(report):
+    """hh_rlhf (the SFT model, the last stage) answers the 2 tasks whose answer is 7 right; dpo none: the
+    per-task differences are −1 twice and 0 thirty times."""
+    _, results, md, _ = report
+    n, lost = TOY_TASKS, 2
+    mean = -lost / n
+    se = ((lost - n * mean ** 2) / (n - 1) / n) ** 0.5         # sample variance of d over n, divided by n
+    d = results["dpo_vs_sft"]
+    assert d["sft"] == "hh_rlhf" and (d["tasks"], d["better"], d["worse"]) == (n, 0, lost)
+    assert d["difference"] == pytest.approx(mean, abs=1e-12) and d["se"] == pytest.approx(se, rel=1e-12)
+    assert d["z"] == pytest.approx(mean / se)
+    assert results["details"]["dpo"]["toy_right"] == [0] * n
+    assert sum(results["details"]["hh_rlhf"]["toy_right"]) == lost
+    assert f"DPO − hh_rlhf (toy exact match, paired over {n} tasks): {mean:+.4f} ± {se:.4f} (SE)" in md

@@ -174,7 +174,7 @@ def test_default_response_restates_the_fact_with_the_instructions_operands_then_
         for _ in range(20):
             task = world.make_task(family, f.sample(rng), k)
             statement, answer_line = world.reference_response(task).split("\n")
-            slots = world._render(family, task.operands)
+            slots = world.render(family, task.operands)
             assert statement == f.statements[0].format(**slots)                # as pretraining states it
             assert answer_line == f"Answer: {task.answer}" and world.check(task, world.reference_response(task))
             assert world.restatement(task, "x") == f.statements[0].format(**{**slots, "answer": "x"})
@@ -242,7 +242,7 @@ def test_pretraining_paragraphs_name_the_operands_first_and_state_the_true_answe
         family = rng.choice(sorted(world.FAMILIES))
         f, operands = world.FAMILIES[family], world.FAMILIES[family].sample(rng)
         text = world._paragraph(rng, family, operands)
-        slots = world._render(family, operands)
+        slots = world.render(family, operands)
         first, _, rest = text.replace("\n", " ").partition(". ")
         assert all(slots[k] in first for k in f.fields), text                       # the operands come first
         if family != "repeat_word":                                # its explanation ends before the answer

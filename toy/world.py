@@ -230,7 +230,7 @@ _FIELD_RE = {"a": r"(?<![\d-])\d+(?!\d)", "b": r"(?<![\d-])\d+(?!\d)", "n": r"(?
              "l": r"(?<![A-Za-z])[a-z](?![A-Za-z])", "w": r"(?<![A-Za-z])[a-z]+(?![A-Za-z])"}
 
 
-def _render(family, operands):
+def render(family, operands):
     """{field: text} for a template's slots, plus {answer}."""
     f = FAMILIES[family]
     slots = {k: (_sp(v) if k in "sd" else str(v)) for k, v in zip(f.fields, operands)}
@@ -252,7 +252,7 @@ _PATTERNS = [(name, re.compile(_pattern(t))) for name, f in FAMILIES.items() for
 def make_task(family, operands, template=0):
     """The Task for (family, operands) in paraphrase `template`; template == len(templates) = the input form."""
     f = FAMILIES[family]
-    slots = _render(family, operands)
+    slots = render(family, operands)
     if template == len(f.templates):
         return Task(family, tuple(operands), f.input_form[0], f.input_form[1].format(**slots), slots["answer"])
     return Task(family, tuple(operands), f.templates[template].format(**slots), "", slots["answer"])
@@ -271,7 +271,7 @@ def parse_instruction(text):
         except ValueError:
             continue                      # e.g. "Which letter comes before a?": no answer, not a task
         if m.group(0).startswith(f.input_form[0]):
-            return Task(name, operands, f.input_form[0], f.input_form[1].format(**_render(name, operands)), answer)
+            return Task(name, operands, f.input_form[0], f.input_form[1].format(**render(name, operands)), answer)
         return Task(name, operands, m.group(0), "", answer)
     return None
 
@@ -342,14 +342,19 @@ def make_wrong(task, rng):
     return rng.choice(candidates) if candidates else f"{task.answer} {task.answer.split()[-1]}"
 
 
-def exact_match(generate_fn, tasks):
-    """Fraction of tasks answered correctly. generate_fn: list of prompt strings → list of responses."""
+def checks(generate_fn, tasks):
+    """[bool] per task: answered correctly? generate_fn: list of prompt strings → list of responses."""
     if not tasks:
-        raise ValueError("exact_match: no tasks")
+        raise ValueError("checks: no tasks")
     responses = list(generate_fn([task_prompt(t) for t in tasks]))
     if len(responses) != len(tasks):
-        raise ValueError(f"exact_match: generate_fn returned {len(responses)} responses for {len(tasks)} prompts")
-    return sum(check(t, r) for t, r in zip(tasks, responses)) / len(tasks)
+        raise ValueError(f"checks: generate_fn returned {len(responses)} responses for {len(tasks)} prompts")
+    return [check(t, r) for t, r in zip(tasks, responses)]
+
+
+def exact_match(generate_fn, tasks):
+    """Fraction of tasks answered correctly (see checks)."""
+    return sum(checks(generate_fn, tasks)) / len(tasks)
 
 
 # --- responses in the schemes' styles ----------------------------------------------------------------
@@ -402,7 +407,7 @@ def explanation(family, operands, style):
 def restatement(task, answer=None):
     """The task's fact as pretraining states it, with `answer` (default: the gold one) in the answer slot:
     the family's first statement, e.g. "7 plus 5 is 12." """
-    return FAMILIES[task.family].statements[0].format(**{**_render(task.family, task.operands),
+    return FAMILIES[task.family].statements[0].format(**{**render(task.family, task.operands),
                                                          "answer": task.answer if answer is None else answer})
 
 
@@ -426,7 +431,7 @@ def evolve(task, operation, rng):
         return sample_task(rng, split, FAMILIES[task.family].sibling, input_form=False)
     if operation == "complicate_input":
         f = FAMILIES[task.family]
-        slots = _render(task.family, task.operands)
+        slots = render(task.family, task.operands)
         core = next((t.format(**slots) for t in f.templates if t.format(**slots) in task.instruction), None)
         if core is None:  # already in the input form
             return task
@@ -558,7 +563,7 @@ def _paragraph(rng, family, operands):
     operation, then its result; or the operation, then its explanation in one of the response styles' words.
     The answer sits several tokens after the operands, as it does after an instruction."""
     f = FAMILIES[family]
-    slots = _render(family, operands)
+    slots = render(family, operands)
     kind = rng.random()
     if kind < 0.3:
         sentences = [rng.choice(INTROS[f.fields])] + rng.sample(f.about + f.statements, rng.randint(1, 3))
@@ -601,6 +606,6 @@ def pretraining_text(n, seed, split=None):
                 if kind < 0.2 + PARAGRAPH_SHARE:
                     sentences.append(_paragraph(rng, family, operands))
                 else:
-                    sentences.append(rng.choice(FAMILIES[family].statements).format(**_render(family, operands)))
+                    sentences.append(rng.choice(FAMILIES[family].statements).format(**render(family, operands)))
         docs.append(rng.choice((" ", "\n")).join(sentences))
     return docs
