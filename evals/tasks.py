@@ -382,9 +382,11 @@ def toy_mc(n=TOY_N, seed=TOY_SEED):
 
 def _toy_format_mc_doc(t, rng):
     """The gold response in the instruction-following format the SFT data teaches, against the same true fact
-    in pretraining's prose (two ways, no "Answer:" line) and a wrong answer in the taught format."""
+    in pretraining's prose (two ways, no "Answer:" line) and a wrong answer in the taught format. Each prose
+    choice is two sentences, as long as the gold's restatement and "Answer:" line: with one sentence, acc's
+    summed log-likelihood favoured the shorter prose (the SFT model picked it on 20 of 200 tasks)."""
     f, slots = world.FAMILIES[t.family], world.render(t.family, t.operands)
-    prose = [f.statements[1].format(**slots), f"{f.doing[0]} {f.about[0]}".format(**slots)]
+    prose = [f"{f.statements[1]} {f.about[1]}".format(**slots), f"{f.doing[0]} {f.about[0]}".format(**slots)]
     wrong = world.make_wrong(t, rng)
     choices = [world.reference_response(t), *prose, f"{world.restatement(t, wrong)}\nAnswer: {wrong}"]
     order = list(range(len(choices)))
@@ -394,8 +396,8 @@ def _toy_format_mc_doc(t, rng):
 
 def toy_format_mc(n=TOY_N, seed=TOY_SEED):
     """Held-out toy tasks, 4-way: does the model answer as instructed? The gold response ("7 plus 5 is 12.\n
-    Answer: 12") against the same true fact in pretraining's prose ("The sum of 7 and 5 is 12."; "We add 7 and
-    5. Their sum is 12.") and a wrong answer in the gold's format. A base model that knows the facts but not
+    Answer: 12") against the same true fact in pretraining's prose ("The sum of 7 and 5 is 12. Added together
+    they make 12."; "We add 7 and 5. Their sum is 12.") and a wrong answer in the gold's format. A base model that knows the facts but not
     the format prefers the prose (toy_mc cannot show this: its choices differ only in the answer)."""
     rng = random.Random(f"toy_format_mc-{seed}")
     docs = [_toy_format_mc_doc(t, rng) for t in world.heldout_tasks(n, seed)]

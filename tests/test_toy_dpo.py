@@ -4,6 +4,7 @@ samples, judged through filter.py's judging code), the harness task that separat
 of training data that asks held-out tasks."""
 import os
 import random
+import re
 import tempfile
 
 import pytest
@@ -106,5 +107,6 @@ def test_toy_format_mc_sets_the_taught_format_against_true_prose_and_a_wrong_ans
         assert len(prose) == 2 and len(wrong) == 1 and not world.check(t, wrong[0])
         for c in prose:                                       # a true statement of the gold answer
             assert c.rstrip(".").endswith(t.answer) or t.answer in c
+            assert len(re.findall(r"\.(?: |$)", c)) == 2        # two sentences: about as long as the gold
         assert world.split_of(t.family, t.operands) == "heldout"
     assert len({doc.gold for doc in task.docs}) == 4          # the gold's position varies
