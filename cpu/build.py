@@ -1,7 +1,8 @@
 """Builds the CPU speed paths' C kernels (cpu/*.c, sharing cpu/kernels.h) once per machine, loads them with
 ctypes, runs them on torch's threads; and the switch that turns the paths off.
 
-Build. The system C compiler (cc, or $CC) with -O3 -march=native and -fopenmp. The kernels split their loops
+Build. The system C compiler (cc, or $CC) with -O3 -march=native and -fopenmp ($BEZOAR_MARCH replaces native:
+BEZOAR_MARCH=x86-64-v3 builds for AVX2 without AVX-512, to see on a newer CPU what an older one runs). The kernels split their loops
 with OpenMP, and the library they link by name, libgomp.so.1, is the one torch's CPU wheels bring and have
 already loaded, so the dynamic loader hands them torch's own runtime: the same thread pool, the same
 OMP_WAIT_POLICY, no second set of threads. (Before this, Python threads took the shares: each call cost tens
@@ -79,7 +80,9 @@ def source_text(source: str) -> bytes:
 def build(source: str, signatures: dict, flags=None) -> tuple:
     """(ctypes library or None, status line) for the C file `source`; signatures: {function: argtypes}
     (every function returns void)."""
-    flags = FLAGS if flags is None else flags
+    if flags is None:
+        march = os.environ.get("BEZOAR_MARCH", "native")
+        flags = [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
     name = os.path.splitext(os.path.basename(source))[0]
     cc = os.environ.get("CC", "cc")
     try:

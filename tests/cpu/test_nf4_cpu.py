@@ -2,6 +2,7 @@
 weights and the tiles of W the 4-bit product uses; and the build and fallback rules of cpu/build.py."""
 import ctypes
 import os
+import platform
 import shutil
 
 import pytest
@@ -100,6 +101,11 @@ def test_a_build_is_cached_under_a_key_of_source_flags_compiler_and_cpu(monkeypa
     monkeypatch.setattr(c_build, "cpu_flags", lambda: "flags : another cpu")
     cpu_nf4.KERNEL.build()                          # another CPU: another build beside it
     assert len(list(tmp_path.iterdir())) == 2
+    if platform.machine() == "x86_64":              # BEZOAR_MARCH: a build for another target, beside them
+        monkeypatch.setenv("BEZOAR_MARCH", "x86-64-v3")
+        lib, status = cpu_nf4.KERNEL.build()
+        assert lib is not None, status
+        assert len(list(tmp_path.iterdir())) == 3
 
 
 def test_a_change_to_an_included_header_rebuilds_the_kernel(monkeypatch, tmp_path):
