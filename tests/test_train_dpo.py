@@ -200,8 +200,9 @@ def test_shipped_configs_load_and_bad_settings_are_one_line_errors(reference, tm
     paper = load_config(DPOConfig, ["--config", os.path.join(REPO, "configs/dpo-openbezoar-3b.toml")])
     for cfg in (tiny, paper):
         assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) == (16, 16, 0.05, ["q_proj", "k_proj", "v_proj"])
-        assert cfg.quantize == "nf4" and cfg.epochs == 1
+        assert cfg.quantize == "nf4"
     assert tiny.base == "runs/tiny/hh_rlhf/merged" and tiny.out_dir == "runs/tiny-dpo"
+    assert paper.epochs == 1
     assert paper.base.endswith("hh_rlhf/merged") and paper.merged_dtype == "float16"
     assert (paper.beta, paper.rpo_alpha, paper.label_smoothing, paper.ipo) == (0.1, 0.0, 0.0, False)  # plain DPO
     bad = tmp_path / "bad.toml"
