@@ -6,7 +6,7 @@ TSTAMP := .venv/.installed-test
 
 .PHONY: demo base data sft dpo eval test bench gpu-check download help
 help:
-	@echo "make sft dpo eval  the recipe on the embedded CPU default (toy world, tiny LLaMA; ~19 min on 2 cores)"
+	@echo "make sft dpo eval  the recipe on the embedded CPU default (toy world, tiny LLaMA; ~18 min on 2 cores)"
 	@echo "make base      pretrain the tiny toy base (runs/base); sft builds it when missing"
 	@echo "make data      synthetic SFT data into runs/data: GENERATOR_URL/_MODEL, JUDGE_URL/_MODEL; none: toy stand-ins"
 	@echo "make demo      build a tiny model and tokenizer, save, reload and sample from it (CPU, ~1 min)"
