@@ -6,8 +6,8 @@ TSTAMP := .venv/.installed-test
 
 .PHONY: demo base data sft dpo eval test bench gpu-check download help
 help:
-	@echo "make sft dpo eval  the recipe on the embedded CPU default (toy world, tiny LLaMA; ~18 min on 2 cores)"
-	@echo "make base      pretrain the tiny toy base (runs/base); sft builds it when missing"
+	@echo "make sft dpo eval  the recipe on the embedded CPU default (toy world, tiny LLaMA; ~8 min on 2 cores)"
+	@echo "make base      pretrain the tiny toy base into runs/base (~9 min); without it sft starts from the shipped toy/pretrained"
 	@echo "make data      synthetic SFT data into runs/data: GENERATOR_URL/_MODEL, JUDGE_URL/_MODEL; none: toy stand-ins"
 	@echo "make demo      build a tiny model and tokenizer, save, reload and sample from it (CPU, ~1 min)"
 	@echo "make test      run the test suite twice, CPU speed paths on and off (installs the test-only oracles first)"
@@ -30,8 +30,13 @@ demo: $(STAMP)
 
 # The embedded default: base → SFT stages (LaMini → Orca → Evol-Instruct → HH-RLHF) → DPO → report.
 # Each step resumes where it stopped; delete runs/ to start over.
-base: runs/base/model.safetensors
+# The base, like OpenLLaMA 3B v2 for the 3B recipe, comes pretrained: toy/pretrained is what `python -m toy.base`
+# writes with its defaults (~9 min on 2 cores). sft checks it against toy/world.py and those defaults and copies it
+# to runs/base; `make base` pretrains runs/base here instead.
 runs/base/model.safetensors: | $(STAMP)
+	$(RUN) -m toy.base --shipped toy/pretrained
+
+base: $(STAMP)
 	$(RUN) -m toy.base
 
 # Synthetic data: generate.py's three schemes, then filter.py, into runs/data/{lamini,orca,evol}.filtered.jsonl.
@@ -40,7 +45,7 @@ runs/base/model.safetensors: | $(STAMP)
 data: $(STAMP)
 	$(RUN) -m synth.pipeline $(DATA_FLAGS)
 
-sft: base data $(STAMP)
+sft: runs/base/model.safetensors data $(STAMP)
 	$(RUN) train_sft.py --config configs/tiny.toml --resume
 
 dpo: $(STAMP)

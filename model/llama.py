@@ -82,6 +82,11 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]      # [B, Hkv, S, Dh]
 
+    def keep_rows(self, rows):
+        """Keep only the batch rows `rows` (an index tensor [B']), e.g. the sequences still being generated."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
 
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int):

@@ -100,7 +100,7 @@ def generate(model, prompts: list, max_new_tokens: int, *, temperature: float = 
     """Continue each prompt (a list of token ids) by up to max_new_tokens; returns one Completion each.
 
     Stops a row at eos_id, or once its decoded text contains one of stop_strings (needs tokenizer).
-    Rows that finished keep being fed (their outputs are ignored) so the batch stays rectangular."""
+    Finished rows are dropped from the batch once a quarter of it has finished (see the loop)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -128,18 +128,23 @@ def generate(model, prompts: list, max_new_tokens: int, *, temperature: float = 
         # fill it once, and pass each step a view of its first columns instead of growing it.
         full_mask = torch.ones((B, T0 + max_new_tokens), dtype=mask.dtype, device=device)
         full_mask[:, :T0] = mask
+    # Finished rows leave the batch: rows[j] is the prompt index of the batch's row j. Dropping them costs a
+    # copy of the cache, so it waits until a quarter of the rows have finished; until then they are fed on
+    # (their outputs ignored) to keep the batch rectangular. Answers of mixed lengths then cost about the sum
+    # of their lengths rather than the batch size times the longest.
+    rows = list(range(B))
     step_ids = ids                                                               # tokens fed this step
     for k in range(max_new_tokens):
-        seen = full_mask[:, :T0 + k] if padded else None                         # [B, T0 + k] or None
+        seen = full_mask[:, :T0 + k] if padded else None                         # [b, T0 + k] or None
         if use_cache:
-            hidden = model.hidden_states(step_ids, attention_mask=seen, cache=cache)   # [B, t, D]
+            hidden = model.hidden_states(step_ids, attention_mask=seen, cache=cache)   # [b, t, D]
         else:
-            hidden = model.hidden_states(ids, attention_mask=seen)                     # [B, T, D]
-        logits = model.lm_head(hidden[:, -1])                                    # [B, V] last position only
-        nxt = sample_next(logits, temperature, top_p, generator)                # [B]
+            hidden = model.hidden_states(ids, attention_mask=seen)                     # [b, T, D]
+        logits = model.lm_head(hidden[:, -1])                                    # [b, V] last position only
+        nxt = sample_next(logits, temperature, top_p, generator)                # [b]
         # The step's one device→host transfer, for the whole batch: reading the rows one by one
-        # (int(nxt[i])) would stall a GPU once per row per token.
-        for i, t in enumerate(nxt.tolist()):
+        # (int(nxt[j])) would stall a GPU once per row per token.
+        for i, t in zip(rows, nxt.tolist()):
             if reason[i] is not None:
                 continue
             if eos_id is not None and t == eos_id:
@@ -148,11 +153,20 @@ def generate(model, prompts: list, max_new_tokens: int, *, temperature: float = 
             new[i].append(t)
             if stops is not None and stops.hit(i, new[i]):
                 reason[i] = "stop"
-        if all(r is not None for r in reason):
+        running = [j for j, i in enumerate(rows) if reason[i] is None]
+        if not running:
             break
-        step_ids = nxt[:, None]                                                  # [B, 1]
+        if len(running) <= 3 * len(rows) // 4:
+            keep = torch.tensor(running, device=device)                         # [b']
+            rows = [rows[j] for j in running]
+            nxt, ids = nxt[keep], ids[keep]
+            if padded:
+                full_mask = full_mask[keep]
+            if use_cache:
+                cache.keep_rows(keep)
+        step_ids = nxt[:, None]                                                  # [b, 1]
         if not use_cache:  # the full recomputation needs every token; the cached path only the newest
-            ids = torch.cat([ids, step_ids], dim=1)                              # [B, T+1]
+            ids = torch.cat([ids, step_ids], dim=1)                              # [b, T+1]
     model.train(was_training)
 
     out = []

@@ -14,7 +14,7 @@ import torch
 from toy import world
 from model import sampling
 from model.config import PRESETS
-from model.llama import Llama
+from model.llama import KVCache, Llama
 from model.sampling import generate, left_pad, sample_next
 from model.tokenizer import Tokenizer, train_tokenizer
 
@@ -75,6 +75,43 @@ def test_eos_ends_a_row_and_is_not_returned(model):
     out = generate(model, [PROMPTS[0], PROMPTS[1]], 6, eos_id=first)
     assert out[0].tokens == [] and out[0].finish_reason == "eos"
     assert first not in out[1].tokens and out[1].finish_reason in ("eos", "length")
+
+
+def finishing_at_different_steps(model):
+    """16 prompts and an eos id that ends their greedy answers at different steps (some never): the batch
+    loses rows as it runs."""
+    prompts = [[1] + [(7 * i + 3 * j) % 60 + 3 for j in range(1 + i % 5)] for i in range(16)]
+    free = generate(model, prompts, 12)
+    counts = {}
+    for c in free:
+        for t in set(c.tokens[1:]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = max(counts, key=counts.get)                   # a token most answers reach sooner or later
+    return prompts, free, eos
+
+
+def test_rows_that_finish_leave_the_batch_and_the_rest_go_on_as_if_alone(model, monkeypatch):
+    prompts, free, eos = finishing_at_different_steps(model)
+    kept = []
+    original = KVCache.keep_rows
+    monkeypatch.setattr(KVCache, "keep_rows", lambda self, rows: (kept.append(len(rows)), original(self, rows)))
+    out = generate(model, prompts, 12, eos_id=eos)
+    assert len(kept) >= 2 and kept[-1] <= len(prompts) // 2     # the batch really shrank, more than once
+    for c, f in zip(out, free):                                 # each row: its free answer cut at the first eos
+        cut = f.tokens.index(eos) if eos in f.tokens else len(f.tokens)
+        assert c.tokens == f.tokens[:cut]
+        assert c.finish_reason == ("eos" if eos in f.tokens else "length")
+    for p, c in zip(prompts, out):
+        assert generate(model, [p], 12, eos_id=eos)[0].tokens == c.tokens
+
+
+def test_sampling_with_rows_leaving_equals_full_recomputation(model):
+    prompts, _, eos = finishing_at_different_steps(model)
+    kw = dict(temperature=0.9, top_p=0.9, eos_id=eos)
+    cached = generate(model, prompts, 12, generator=torch.Generator().manual_seed(3), **kw)
+    full = generate(model, prompts, 12, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert [c.tokens for c in cached] == [c.tokens for c in full]
+    assert len({len(c.tokens) for c in cached}) > 2             # rows did finish at different steps
 
 
 def test_stop_string_ends_a_row_and_cuts_the_text(model):
@@ -141,8 +178,10 @@ def reference_stops(streams, eos_id, stop_strings, tokenizer):
 
 
 class ScriptedModel(torch.nn.Module):
-    """Stands in for a Llama in generate: greedy decoding of any one-token prompts yields row i's
-    script[i][k] as its k-th new token (hidden state = one-hot of that token, lm_head = identity)."""
+    """Stands in for a Llama in generate: greedy decoding of row i's one-token prompt [i + 3] yields
+    script[i][k] as its k-th new token (hidden state = one-hot of that token, lm_head = identity). The row is
+    read from the prompt token (no cache: every step sees it) or from the cache, which follows generate's
+    dropping of finished rows (keep_rows) as the real KVCache does."""
 
     def __init__(self, script, vocab_size):
         super().__init__()
@@ -153,19 +192,25 @@ class ScriptedModel(torch.nn.Module):
             self.lm_head.weight.copy_(torch.eye(vocab_size))
 
     def new_cache(self, batch_size, max_len):
-        return SimpleNamespace(length=0)
+        cache = SimpleNamespace(length=0, rows=None)
+        cache.keep_rows = lambda rows: setattr(cache, "rows", cache.rows[rows])
+        return cache
 
     def hidden_states(self, input_ids, attention_mask=None, cache=None):
         S = input_ids.shape[1] + (cache.length if cache is not None else 0)     # tokens seen, prompt's 1 first
-        if cache is not None:
-            cache.length = S
-        return torch.nn.functional.one_hot(self.script[:, S - 1], self.lm_head.in_features).float()[:, None]
+        if cache is None:
+            rows = input_ids[:, 0] - 3
+        else:
+            if cache.length == 0:
+                cache.rows = input_ids[:, 0] - 3
+            rows, cache.length = cache.rows, S
+        return torch.nn.functional.one_hot(self.script[rows, S - 1], self.lm_head.in_features).float()[:, None]
 
 
 def generate_scripted(streams, tokenizer, **kw):
     """generate() run on ScriptedModel(streams): (tokens, text, finish_reason) per row."""
     model = ScriptedModel(streams, tokenizer.vocab_size)
-    out = generate(model, [[1]] * len(streams), len(streams[0]), tokenizer=tokenizer, **kw)
+    out = generate(model, [[i + 3] for i in range(len(streams))], len(streams[0]), tokenizer=tokenizer, **kw)
     return [(c.tokens, c.text, c.finish_reason) for c in out]
 
 

@@ -17,6 +17,12 @@ What the base must know for SFT to work (measured; toy/world.py pretraining_text
     (1000 steps on 20000: 87%, add and subtract near 50%).
 
     python -m toy.base [--steps 2000 --out_dir runs/base ...]          (make base; train_sft.py's start)
+    python -m toy.base --shipped toy/pretrained                        (make sft's default: no pretraining)
+
+toy/pretrained is this script's output with its defaults (seed 0), committed: the embedded default starts, as
+the 3B recipe starts from OpenLLaMA 3B v2, from a pretrained base, and spends its minutes on the recipe's own
+steps. Its data.json records the sha256 of the documents it learnt, so `--shipped` (and the tests) refuse it
+once toy/world.py or these defaults change; then `make base` and copy runs/base to toy/pretrained.
 
     config → seed → tokenizer (SentencePiece BPE on world.pretraining_text) → model (random init)
            → documents packed into rows → AdamW, warmup + cosine → loop → save runs/base/
@@ -30,14 +36,16 @@ The rows are shuffled once per epoch with a seeded generator; the run is a pure 
 
 Output (a Hugging Face LLaMA folder that train_sft.py, transformers and vLLM read):
     runs/base/config.json, model.safetensors, tokenizer.model, tokenizer_config.json, special_tokens_map.json,
-    generation_config.json, train_config.toml, metrics.jsonl
+    generation_config.json, train_config.toml, metrics.jsonl, data.json (the documents: count, seed, sha256)
 
 Shapes: B batch, T tokens per row.
 """
+import hashlib
+import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -50,6 +58,7 @@ from toy import world
 from training import MetricsLogger, Progress, lr_at, make_optimizer, peak_memory_gb, resolve_device, seed_everything
 
 TINY = PRESETS["tiny"]
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")   # toy/pretrained
 
 
 @dataclass
@@ -79,6 +88,9 @@ class BaseConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = 1.0            # clip the global gradient norm (0 = no clipping)
     log_every: int = 50                   # steps between log lines (stdout and metrics.jsonl)
+    # --- or no pretraining
+    shipped: Optional[str] = None         # a base this script wrote (toy/pretrained): checked to be this config's
+                                          # on today's toy world, then copied to out_dir (make sft's default)
 
     # Allowed values, checked as the config is read (config.py): "(0, inf)" is > 0, "[0, 1)" is 0 ≤ x < 1.
     RANGES = {"seed": "[0, inf)", "hidden_size": "[1, inf)", "intermediate_size": "[1, inf)",
@@ -108,8 +120,47 @@ def pack_documents(tok, docs, seq_len):
     return rows, len(stream) - n * seq_len
 
 
+def text_digest(docs):
+    """sha256 of the pretraining documents, one per line: names the toy world a base has learnt."""
+    return hashlib.sha256("\n".join(docs).encode()).hexdigest()
+
+
+def check_shipped(cfg):
+    """SystemExit (one line) unless cfg.shipped was written by this script with cfg's settings, from the
+    documents toy/world.py makes today. Run by `make sft` before it starts from the shipped base, and by the
+    tests, so a change to the world or to the defaults cannot leave a stale base shipped."""
+    src = cfg.shipped
+    for name in ("train_config.toml", "data.json", "model.safetensors", "tokenizer.model"):
+        if not os.path.isfile(os.path.join(src, name)):
+            raise SystemExit(f"{src}: no {name}; expected a folder written by python -m toy.base")
+    made = load_config(BaseConfig, ["--config", os.path.join(src, "train_config.toml")])
+    for f in fields(BaseConfig):
+        if f.name not in ("out_dir", "device", "shipped") and getattr(made, f.name) != getattr(cfg, f.name):
+            raise SystemExit(f"{src}/train_config.toml: {f.name} is {getattr(made, f.name)!r}, this run asks for "
+                             f"{getattr(cfg, f.name)!r}; pretrain instead (make base: python -m toy.base)")
+    with open(os.path.join(src, "data.json")) as f:
+        recorded = json.load(f)["sha256"]
+    if recorded != text_digest(world.pretraining_text(cfg.documents, cfg.seed)):
+        raise SystemExit(f"{src}/data.json: the base learnt other documents than toy/world.py writes today "
+                         f"(their sha256 differs); pretrain it again (make base) and ship that folder")
+
+
+def install_shipped(cfg):
+    """Check cfg.shipped and copy it to cfg.out_dir (whole, by one rename)."""
+    check_shipped(cfg)
+    tmp = cfg.out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cfg.shipped, tmp)
+    shutil.rmtree(cfg.out_dir, ignore_errors=True)
+    os.replace(tmp, cfg.out_dir)
+    print(f"{cfg.out_dir}: the shipped base {cfg.shipped} ({cfg.steps} steps on {cfg.documents} toy documents, "
+          f"seed {cfg.seed}; `make base` pretrains it again, ~9 min on 2 cores)")
+
+
 def main(argv=None):
     cfg = load_config(BaseConfig, argv, prog="python -m toy.base")
+    if cfg.shipped is not None:
+        return install_shipped(cfg)
     print(cfg)
     seed_everything(cfg.seed, deterministic=True)
     device = resolve_device(cfg.device)
@@ -125,6 +176,8 @@ def main(argv=None):
     train_tokenizer(docs, os.path.join(tmp, "tokenizer"), cfg.vocab_size)
     tok = Tokenizer(os.path.join(tmp, "tokenizer.model"))
     rows, dropped = pack_documents(tok, docs, cfg.seq_len)                                 # [N, T]
+    with open(os.path.join(tmp, "data.json"), "w") as f:
+        json.dump({"documents": len(docs), "seed": cfg.seed, "sha256": text_digest(docs)}, f)
     print(f"tokenizer: {tok.vocab_size} pieces; data: {len(docs)} documents, {rows.numel()} tokens in "
           f"{len(rows)} rows of {cfg.seq_len} ({dropped} tokens past the last full row dropped); "
           f"{cfg.steps * cfg.batch_size / len(rows):.2f} epochs")

@@ -11,7 +11,7 @@ from files import write_text_atomic
 from toy import world
 
 
-def heldout_checks(model, tok, n_tasks, seed, max_new_tokens, batch=64):
+def heldout_checks(model, tok, n_tasks, seed, max_new_tokens, batch=256):
     """[bool] for n_tasks held-out toy tasks (world.heldout_tasks): answered exactly? Greedy decoding of the
     templated prompt until EOS."""
     import torch                                        # here: the toy servers import toy/ without torch
@@ -27,7 +27,7 @@ def heldout_checks(model, tok, n_tasks, seed, max_new_tokens, batch=64):
         return world.checks(answer, world.heldout_tasks(n_tasks, seed))
 
 
-def heldout_exact_match(model, tok, n_tasks, seed, max_new_tokens, batch=64):
+def heldout_exact_match(model, tok, n_tasks, seed, max_new_tokens, batch=256):
     """Fraction of n_tasks held-out toy tasks answered exactly (heldout_checks)."""
     right = heldout_checks(model, tok, n_tasks, seed, max_new_tokens, batch)
     return sum(right) / len(right)

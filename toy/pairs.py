@@ -36,7 +36,7 @@ def judged_wrong(task, response):
     return rating is None or rating < THRESHOLD
 
 
-def on_policy_pairs(model, tok, n, seed, split, samples, temperature, max_new_tokens, batch=64):
+def on_policy_pairs(model, tok, n, seed, split, samples, temperature, max_new_tokens, batch=256):
     """(rows, counts): up to n · samples HH-RLHF rows from n tasks of `split` ("train" for DPO's pairs,
     "heldout" for its held-out ones), see the module docstring."""
     from model.sampling import generate
